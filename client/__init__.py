@@ -1,0 +1,1 @@
+"""Flower ClientApp glue (thin; no ML logic)."""

@@ -1,0 +1,7 @@
+"""mlip-fed: federated MLIP pretraining for chest X-rays.
+
+The library never imports ``flwr`` (DESIGN.md, invariant 1): everything here runs the same
+centrally and inside a Flower ClientApp.
+"""
+
+__version__ = "0.1.0"

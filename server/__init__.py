@@ -1,0 +1,1 @@
+"""Flower ServerApp glue (thin; no ML logic)."""
