@@ -1,0 +1,180 @@
+"""The one configuration schema (DESIGN.md, invariant 2).
+
+Hydra composes YAML into a plain dict; these pydantic models validate it. A site's own YAML and
+Flower's ``run_config`` overrides end up here too, so a bad value fails at start-up with the
+field, the value and the reason, wherever it came from.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from mlip_fed.eval.report import EvalConfig
+from mlip_fed.model.config import ModelConfig
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names each bad field, value and reason."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SyntheticDataConfig(_Strict):
+    """SynthCXR federation generated on first use (built-in benchmark, no downloads)."""
+
+    num_sites: int = Field(default=3, ge=1, le=1000)
+    studies_per_site: int = Field(default=300, ge=4)
+    seed: int = 0
+    dirichlet_alpha: float | None = Field(default=None, gt=0)
+    test_fraction: float = Field(default=0.2, gt=0, lt=1)
+
+
+class DataConfig(_Strict):
+    """Where a run's image–report pairs come from and how they are shaped."""
+
+    source: Literal["synthetic", "manifest", "mimic", "chexpert"] = "synthetic"
+    #: Root folder: generated SynthCXR lives here (``site_<k>/manifest.csv``); for ``mimic`` the dataset root.
+    root: Path = Path("runs/data/synthcxr")
+    #: CSV manifest (``source=manifest``) or CheXpert CSV (``source=chexpert``).
+    manifest: Path | None = None
+    reports_root: Path | None = None
+    image_size: int = Field(default=64, ge=16, le=1024)
+    num_workers: int = Field(default=0, ge=0, le=64)
+    synthetic: SyntheticDataConfig = SyntheticDataConfig()
+
+    @model_validator(mode="after")
+    def _source_needs_path(self) -> DataConfig:
+        if self.source in ("manifest", "chexpert") and self.manifest is None:
+            raise ValueError(f"data.source={self.source!r} needs data.manifest (path to the CSV)")
+        return self
+
+
+class TrainConfig(_Strict):
+    """The local trainer: the same settings centrally and at every site."""
+
+    epochs: int = Field(default=1, ge=0)
+    #: Stop after this many optimiser steps in total (None: run all epochs).
+    max_steps: int | None = Field(default=None, ge=1)
+    batch_size: int = Field(default=32, ge=2)
+    grad_accum_steps: int = Field(default=1, ge=1)
+    lr: float = Field(default=3e-4, gt=0, le=1)
+    min_lr: float = Field(default=1e-6, ge=0)
+    weight_decay: float = Field(default=0.05, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    #: Fraction of all steps spent in linear warm-up before the cosine decay (MGCA: 0.4).
+    warmup_fraction: float = Field(default=0.1, ge=0, lt=1)
+    max_grad_norm: float | None = Field(default=5.0, gt=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    #: Mixed precision: bf16 autocast on GPU only; "auto" turns it on when a GPU is used.
+    amp: Literal["auto", "off", "bf16"] = "auto"
+    num_threads: int | None = Field(default=None, ge=1)
+    seed: int = 0
+    log_every: int = Field(default=10, ge=1)
+    #: A loss above this (or NaN/inf) stops the run and names the objective.
+    loss_explode_threshold: float = Field(default=1e4, gt=0)
+    progress_bar: bool = True
+    tensorboard: bool = False
+    #: Continue from ``<output_dir>/checkpoint.pt`` when it exists (refused if the model config differs).
+    resume: bool = True
+    #: Save a resumable checkpoint every this many optimiser steps (and at every epoch end).
+    checkpoint_every_steps: int = Field(default=200, ge=1)
+
+    @model_validator(mode="after")
+    def _lr_order(self) -> TrainConfig:
+        if self.min_lr > self.lr:
+            raise ValueError(f"train.min_lr={self.min_lr} must not exceed train.lr={self.lr}")
+        return self
+
+
+class PrivacyPolicy(_Strict):
+    """A site's own privacy policy. The server may ask for training; it can never loosen this."""
+
+    mechanism: Literal["none", "bucketed", "decomposable"] = "none"
+    #: Total record-level budget over every round and run this site will ever join.
+    epsilon_budget: float | None = Field(default=None, gt=0)
+    delta: float = Field(default=1e-5, gt=0, lt=1)
+    noise_multiplier: float | None = Field(default=None, gt=0)
+    min_noise_multiplier: float = Field(default=0.0, ge=0)
+    clipping_norm: float = Field(default=1.0, gt=0)
+    num_buckets: int = Field(default=8, ge=1)
+    accountant: Literal["rdp", "prv"] = "rdp"
+    privacy_unit: Literal["patient", "record"] = "patient"
+    #: Noise on released prototype sums and counts (units of the unit-norm bound).
+    prototype_noise_multiplier: float = Field(default=4.0, gt=0)
+    release_prototypes: bool = True
+
+    @model_validator(mode="after")
+    def _dp_needs_budget(self) -> PrivacyPolicy:
+        if self.mechanism != "none" and self.epsilon_budget is None:
+            raise ValueError(f"privacy.mechanism={self.mechanism!r} needs privacy.epsilon_budget")
+        if self.noise_multiplier is not None and self.noise_multiplier < self.min_noise_multiplier:
+            raise ValueError(
+                f"privacy.noise_multiplier={self.noise_multiplier} is below the site's "
+                f"privacy.min_noise_multiplier={self.min_noise_multiplier}"
+            )
+        return self
+
+
+class FederationConfig(_Strict):
+    """Server-side federation settings."""
+
+    num_rounds: int = Field(default=3, ge=1)
+    strategy: Literal["fedavg", "fedprox", "fedadam"] = "fedavg"
+    fraction_train: float = Field(default=1.0, gt=0, le=1)
+    min_train_nodes: int = Field(default=2, ge=1)
+    min_available_nodes: int = Field(default=2, ge=1)
+    proximal_mu: float = Field(default=0.01, ge=0)
+    server_lr: float = Field(default=1e-2, gt=0)
+    local_epochs: int = Field(default=1, ge=1)
+    #: A category with fewer pooled members than this keeps its previous prototype.
+    bank_min_count: int = Field(default=5, ge=1)
+    round_timeout_s: float = Field(default=3600.0, gt=0)
+    evaluate_every: int = Field(default=1, ge=0)
+    resume: bool = False
+
+
+class ExperimentConfig(_Strict):
+    """Everything one run needs; ``mlip-pretrain`` and the Flower apps all build this."""
+
+    name: str = "synth_cpu"
+    output_dir: Path = Path("runs/synth_cpu")
+    seed: int = 0
+    #: Encoders, projection and the five objectives (``model.objectives``).
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    privacy: PrivacyPolicy = PrivacyPolicy()
+    federation: FederationConfig = FederationConfig()
+
+    @model_validator(mode="after")
+    def _one_image_size(self) -> ExperimentConfig:
+        if self.model.image.image_size != self.data.image_size:
+            raise ValueError(
+                f"model.image.image_size={self.model.image.image_size} differs from "
+                f"data.image_size={self.data.image_size}; the encoder must see the size the data is resized to"
+            )
+        return self
+
+
+def validate_experiment(raw: dict[str, Any], origin: str = "config") -> ExperimentConfig:
+    """Validate a composed config dict; raise ConfigError naming every bad field, value and reason."""
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, origin)) from None
+
+
+def format_validation_error(err: ValidationError, origin: str) -> str:
+    lines = [f"{origin}: {err.error_count()} invalid setting(s):"]
+    for item in err.errors():
+        field = ".".join(str(part) for part in item["loc"]) or "<root>"
+        value = item.get("input")
+        shown = repr(value) if not isinstance(value, dict) else "{...}"
+        lines.append(f"  {field} = {shown}: {item['msg']}")
+    return "\n".join(lines)

@@ -1,0 +1,190 @@
+"""Torch dataset of image–report pairs that survives a corrupt image mid-epoch.
+
+A site's archive always holds a few files that pass the manifest check but fail to decode (a
+truncated copy, a DICOM with an unsupported codec). Crashing a multi-hour federated round for one
+image is worse than dropping it, so ``__getitem__`` returns ``None`` for such a record, counts it
+once in the dataset's ``SkipReport`` and :func:`collate_skipping_none` leaves it out of the batch.
+
+Counting is exact in the main process (``num_workers=0``). With worker processes each worker
+counts into its own copy of the dataset, which the main process never sees; run
+:func:`validate_records` first (``mlip-data check`` does) when the count matters.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from monai.transforms import Compose, Randomizable
+from torch.utils.data import Dataset, default_collate, get_worker_info
+
+from mlip_fed.data.imageio import ImageDecodeError, read_image, read_label_mask
+from mlip_fed.data.records import SkipReport, StudyRecord
+from mlip_fed.data.transforms import build_mask_transform, second_view_seed
+
+Transform = Callable[[np.ndarray], torch.Tensor]
+
+
+def decode_skip_reason(err: ImageDecodeError, kind: str = "image") -> str:
+    """One countable reason per failure kind, e.g. ``image decode failed: truncated or corrupt``."""
+    return f"{kind} decode failed: {err.reason}"
+
+
+class ImageReportDataset(Dataset):
+    """Items are dicts: ``image`` [1, S, S], optional ``image_view2``, ``report``, ``labels`` [14]
+    (NaN = not mentioned), ``patient_id``, ``study_id`` and ``index`` (position in ``records``)."""
+
+    def __init__(
+        self,
+        records: Sequence[StudyRecord],
+        transform: Transform,
+        second_view_transform: Transform | None = None,
+        *,
+        reader: Callable[[Any], np.ndarray] = read_image,
+    ) -> None:
+        self.records = list(records)
+        self.transform = transform
+        self.second_view_transform = second_view_transform
+        self.reader = reader
+        self.skips = SkipReport(loaded=len(self.records))
+        self._bad: set[int] = set()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict[str, Any] | None:
+        record = self.records[index]
+        if index in self._bad:
+            return None
+        try:
+            pixels = self.reader(record.image_path)
+        except ImageDecodeError as err:
+            self._mark_bad(index, err)
+            return None
+        item: dict[str, Any] = {
+            "image": self.transform(pixels),
+            "report": record.report,
+            "labels": torch.tensor(record.labels, dtype=torch.float32),
+            "patient_id": record.patient_id,
+            "study_id": record.study_id,
+            "index": index,
+        }
+        if self.second_view_transform is not None:
+            item["image_view2"] = self.second_view_transform(pixels)
+        return item
+
+    def _mark_bad(self, index: int, err: ImageDecodeError, kind: str = "image") -> None:
+        with self._lock:
+            if index in self._bad:
+                return
+            self._bad.add(index)
+            self.skips.loaded -= 1
+            self.skips.skip(decode_skip_reason(err, kind), f"{err.path}" + (f" ({err.detail})" if err.detail else ""))
+
+    def reseed(self, seed: int) -> None:
+        """Reseed the random transforms (both views, differently); MONAI ``Compose`` supports it."""
+        for transform, view_seed in ((self.transform, seed), (self.second_view_transform, second_view_seed(seed))):
+            set_state = getattr(transform, "set_random_state", None)
+            if set_state is not None:
+                set_state(seed=view_seed % (2**32))
+
+
+class MaskedImageReportDataset(Dataset):
+    """An eval :class:`ImageReportDataset` whose items also carry ``mask``: long [S, S] class labels.
+
+    The mask gets the image's eval geometry (resize longest side, pad, centre crop) with nearest
+    neighbour, so pixel (i, j) of ``mask`` labels pixel (i, j) of ``image``. A mask that fails to
+    decode drops the item like a bad image, counted in the same ``skips``.
+    """
+
+    def __init__(self, dataset: ImageReportDataset, image_size: int) -> None:
+        if _is_random(dataset.transform) or dataset.second_view_transform is not None:
+            raise ValueError("masks need the deterministic eval transform: random crops would misalign image and mask")
+        missing = [r.study_id for r in dataset.records if r.mask_path is None]
+        if missing:
+            raise ValueError(f"{len(missing)} record(s) have no mask_path, e.g. study {missing[0]}")
+        self.dataset = dataset
+        self.mask_transform = build_mask_transform(image_size)
+
+    @property
+    def records(self) -> list[StudyRecord]:
+        return self.dataset.records
+
+    @property
+    def skips(self) -> SkipReport:
+        return self.dataset.skips
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Any] | None:
+        item = self.dataset[index]
+        if item is None:
+            return None
+        mask_path = self.dataset.records[index].mask_path
+        try:
+            labels = read_label_mask(mask_path)
+        except ImageDecodeError as err:
+            self.dataset._mark_bad(index, err, kind="mask")
+            return None
+        item["mask"] = self.mask_transform(labels.astype(np.float32))[0].round().long()
+        return item
+
+
+def with_masks(dataset: ImageReportDataset, image_size: int) -> MaskedImageReportDataset:
+    """Add aligned segmentation masks to an eval dataset (SynthCXR writes one label PNG per study)."""
+    return MaskedImageReportDataset(dataset, image_size)
+
+
+def _is_random(transform: Any) -> bool:
+    """True when any step draws random numbers (MONAI's ``Compose`` is itself ``Randomizable``)."""
+    if isinstance(transform, Compose):
+        return any(_is_random(t) for t in transform.transforms)
+    return isinstance(transform, Randomizable)
+
+
+def seed_worker(worker_id: int) -> None:
+    """``DataLoader(worker_init_fn=seed_worker)``: give each worker its own augmentation stream.
+
+    Without it every worker holds an identical copy of the transforms' random state and the workers
+    augment in lock-step. The seed comes from torch's per-worker seed, so ``torch.manual_seed`` in
+    the main process still makes the whole run reproducible.
+    """
+    info = get_worker_info()
+    if info is not None and isinstance(info.dataset, ImageReportDataset):
+        info.dataset.reseed(info.seed % (2**32))
+
+
+def collate_skipping_none(batch: Sequence[dict[str, Any] | None]) -> dict[str, Any] | None:
+    """Drop ``None`` items, then stack: tensors stack, strings become lists, ints a LongTensor.
+
+    Returns ``None`` when every item in the batch was skipped; the training loop skips that step.
+    """
+    kept = [item for item in batch if item is not None]
+    if not kept:
+        return None
+    return default_collate(kept)
+
+
+def validate_records(
+    records: Sequence[StudyRecord], *, reader: Callable[[Any], np.ndarray] = read_image
+) -> tuple[list[StudyRecord], SkipReport]:
+    """Decode every image (and mask) once; keep the records that decode, count the rest by reason."""
+    report = SkipReport()
+    ok: list[StudyRecord] = []
+    for record in records:
+        try:
+            reader(record.image_path)
+            if record.mask_path is not None:
+                read_label_mask(record.mask_path)
+        except ImageDecodeError as err:
+            kind = "mask" if record.mask_path is not None and err.path == record.mask_path else "image"
+            report.skip(decode_skip_reason(err, kind), f"{err.path}" + (f" ({err.detail})" if err.detail else ""))
+            continue
+        ok.append(record)
+    report.loaded = len(ok)
+    return ok, report

@@ -1,0 +1,294 @@
+"""The server side of a round, without Flower: sample, request, aggregate, evaluate, checkpoint, report.
+
+``server/app.py`` only moves messages; every decision a round makes is here so it is tested with
+hand-made ``SiteUpdate``s. One object lives for one ServerApp run; on ``federation.resume=true`` it
+starts from the last completed round in the output dir's checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+from mlip_fed.config import ExperimentConfig
+from mlip_fed.federation.aggregate import (
+    BANK_GLOBAL_KEYS,
+    build_server_optimizer,
+    merge_site_banks,
+    state_nbytes,
+    weighted_average,
+)
+from mlip_fed.federation.payload import RoundRequest, SiteFailure, SiteUpdate
+from mlip_fed.federation.report import plot_results, table_header, table_row, write_results
+from mlip_fed.federation.run_config import FederationRun
+from mlip_fed.federation.server_state import (
+    ServerState,
+    check_resumable,
+    checkpoint_path,
+    load_server_state,
+    save_server_state,
+)
+
+#: (weights, bank) -> metrics such as {"auroc": .., "r_at_5": ..}; see ``evaluate.ServerEvaluator``.
+Evaluator = Callable[[Mapping[str, Tensor], Mapping[str, Tensor]], dict[str, float]]
+
+
+class FederationFailed(RuntimeError):
+    """No round aggregated a single site update: the run produced nothing and must not look successful."""
+
+
+class FederationCoordinator:
+    """Holds the global state between rounds and writes checkpoint, results.json and plot after each."""
+
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        output_dir: Path,
+        *,
+        initial_weights: Mapping[str, Tensor],
+        initial_bank: Mapping[str, Tensor],
+        evaluator: Evaluator | None = None,
+        num_rounds: int | None = None,
+        log: Callable[[str], None] = print,
+    ) -> None:
+        if not Path(output_dir).is_absolute():
+            raise ValueError(f"output dir must be absolute (the ServerApp runs in the SuperLink's cwd): {output_dir}")
+        self.cfg = cfg
+        self.fed = cfg.federation
+        self.output_dir = Path(output_dir)
+        self.num_rounds = num_rounds if num_rounds is not None else self.fed.num_rounds
+        if self.num_rounds < 1:
+            raise ValueError(f"num_rounds must be >= 1, got {self.num_rounds}")
+        self.evaluator = evaluator
+        self.log = log
+        self.optimizer = build_server_optimizer(self.fed.strategy, self.fed.server_lr)
+        config_json = cfg.model_dump(mode="json")
+        saved = load_server_state(self.output_dir)
+        if saved is not None and not self.fed.resume:
+            raise ValueError(
+                f"{checkpoint_path(self.output_dir)} exists: set federation.resume=true to continue it, "
+                "or choose a new output dir"
+            )
+        if saved is not None:
+            check_resumable(saved.config, config_json, checkpoint_path(self.output_dir))
+            self.optimizer.load_state_dict(saved.optimizer)
+            self.state = saved
+            self.state.config = config_json
+            self.log(f"[server] resuming {cfg.name} after round {saved.completed_round} from {self.output_dir}")
+        else:
+            missing = [k for k in BANK_GLOBAL_KEYS if k not in initial_bank]
+            if missing:
+                raise ValueError(f"initial bank lacks {missing}")
+            self.state = ServerState(
+                completed_round=0,
+                weights={k: v.detach().cpu().clone() for k, v in initial_weights.items()},
+                bank={k: v.detach().cpu().clone() for k, v in initial_bank.items()},
+                optimizer=self.optimizer.state_dict(),
+                config=config_json,
+            )
+        self.started = time.perf_counter()
+
+    # ------------------------------------------------------------------ round life cycle
+    def remaining_rounds(self) -> range:
+        return range(self.state.completed_round + 1, self.num_rounds + 1)
+
+    def start(self) -> None:
+        """Evaluate the initial model as round 0 (the random-init baseline) and print the table header."""
+        self.log(table_header())
+        if self.state.completed_round == 0 and not self.state.history:
+            record: dict[str, Any] = {"round": 0, "aggregated": False, "num_sampled": 0, "num_updates": 0}
+            if self.evaluator is not None:
+                t0 = time.perf_counter()
+                record["eval"] = self.evaluator(self.state.weights, self.state.bank)
+                record["seconds"] = {"evaluation": time.perf_counter() - t0, "round": time.perf_counter() - t0}
+            self.state.history.append(record)
+            self._persist("running")
+            self.log(table_row(record))
+        else:
+            for record in self.state.history:
+                self.log(table_row(record))
+
+    def select_nodes(self, node_ids: Sequence[int], server_round: int) -> list[int]:
+        """Seeded sample of ``max(min_train_nodes, ceil(fraction_train * available))`` nodes."""
+        available = sorted(int(n) for n in node_ids)
+        if not available:
+            raise ValueError(f"round {server_round}: no nodes connected")
+        wanted = max(self.fed.min_train_nodes, math.ceil(self.fed.fraction_train * len(available)))
+        wanted = min(wanted, len(available))
+        return sorted(random.Random(self.cfg.seed * 100_003 + server_round).sample(available, wanted))
+
+    def round_request(self, server_round: int) -> RoundRequest:
+        return RoundRequest(
+            server_round=server_round,
+            weights=self.state.weights,
+            bank={k: self.state.bank[k] for k in BANK_GLOBAL_KEYS},
+            config={
+                "server-round": server_round,
+                "num-rounds": self.num_rounds,
+                "local-epochs": self.fed.local_epochs,
+                "strategy": self.fed.strategy,
+                "proximal-mu": self.fed.proximal_mu if self.fed.strategy == "fedprox" else 0.0,
+            },
+        )
+
+    def complete_round(
+        self,
+        server_round: int,
+        updates: Sequence[SiteUpdate],
+        failures: Sequence[SiteFailure],
+        *,
+        num_sampled: int,
+        communication_seconds: float = math.nan,
+    ) -> dict[str, Any]:
+        """Aggregate what arrived, evaluate, checkpoint, append to results; returns the round's record."""
+        if server_round != self.state.completed_round + 1:
+            raise ValueError(
+                f"round {server_round} completed out of order (last completed {self.state.completed_round})"
+            )
+        for failure in failures:
+            self.log(
+                f"[server] round {server_round}: site {failure.site_id} (node {failure.node_id}) left out: {failure.reason}"
+            )
+        t_agg = time.perf_counter()
+        record: dict[str, Any] = {
+            "round": server_round,
+            "num_sampled": num_sampled,
+            "num_updates": len(updates),
+            "aggregated": bool(updates),
+            "sites": [
+                {"site_id": u.site_id, "num_examples": u.num_examples, **{k: float(v) for k, v in u.metrics.items()}}
+                for u in updates
+            ],
+            "failures": [f.as_dict() for f in failures],
+        }
+        if updates:
+            weights = [float(u.num_examples) for u in updates]
+            averaged = weighted_average([u.weights for u in updates], weights)
+            self.state.weights = self.optimizer.step(self.state.weights, averaged)
+            bank, updated = merge_site_banks(self.state.bank, [u.bank_stats for u in updates], self.fed.bank_min_count)
+            self.state.bank = bank
+            record["bank_updated"] = int(updated.sum())
+            record["train_loss"] = sum(
+                u.metrics.get("train_loss", math.nan) * w for u, w in zip(updates, weights, strict=True)
+            ) / sum(weights)
+        else:
+            self.log(f"[server] round {server_round}: no site update arrived; global model unchanged")
+        aggregation_s = time.perf_counter() - t_agg
+
+        evaluation_s = 0.0
+        if updates and self.evaluator is not None and self._evaluate_this_round(server_round):
+            t_eval = time.perf_counter()
+            record["eval"] = self.evaluator(self.state.weights, self.state.bank)
+            evaluation_s = time.perf_counter() - t_eval
+
+        down_weights = state_nbytes(self.state.weights)
+        down_bank = state_nbytes({k: self.state.bank[k] for k in BANK_GLOBAL_KEYS})
+        record["bytes"] = {
+            "down_weights_per_site": down_weights,
+            "down_bank_per_site": down_bank,
+            "up_weights_per_site": [state_nbytes(u.weights) for u in updates],
+            "up_bank_per_site": [state_nbytes(u.bank_stats) for u in updates],
+            "total": num_sampled * (down_weights + down_bank)
+            + sum(state_nbytes(u.weights) + state_nbytes(u.bank_stats) for u in updates),
+        }
+        site_train = [u.metrics.get("train_seconds", math.nan) for u in updates]
+        site_handler = [u.metrics.get("handler_seconds", math.nan) for u in updates]
+        handler_max = max(site_handler) if site_handler else 0.0
+        record["seconds"] = {
+            "communication": communication_seconds,
+            "local_train_max": max(site_train) if site_train else 0.0,
+            "local_train_sum": sum(site_train),
+            "site_handler_max": handler_max,
+            "aggregation": aggregation_s,
+            "evaluation": evaluation_s,
+            # send_and_receive wall time not spent in the slowest site's handler: message transport,
+            # ClientApp start-up and, when sites outnumber parallel workers, queueing.
+            "flower_overhead": communication_seconds - handler_max,
+            "round": communication_seconds + aggregation_s + evaluation_s,
+        }
+        self.state.completed_round = server_round
+        self.state.optimizer = self.optimizer.state_dict()
+        self.state.history.append(record)
+        self.state.failures.extend(f.as_dict() for f in failures)
+        self._persist("running")
+        self.log(table_row(record))
+        return record
+
+    def finish(self) -> dict[str, Any]:
+        """Write the final results and plot; raise FederationFailed when nothing was ever aggregated."""
+        aggregated = [r for r in self.state.history if r.get("aggregated")]
+        status = "completed" if aggregated else "failed"
+        summary = self._persist(status)
+        try:
+            plot_results(self.output_dir, self.state.history, f"{self.cfg.name}: {self.fed.strategy}")
+        except Exception as err:  # the plot is a convenience; results.json is the record
+            self.log(f"[server] could not write plot: {type(err).__name__}: {err}")
+        self.log(
+            f"[server] {status}: {len(aggregated)}/{len(self.state.history) - 1} rounds aggregated, "
+            f"{len(self.state.failures)} site failure(s); results in {self.output_dir}"
+        )
+        for failure in self.state.failures:
+            self.log(
+                f"[server]   failure round {failure['round']} site {failure['site_id']} "
+                f"(node {failure['node_id']}): {failure['reason']}"
+            )
+        if not aggregated:
+            raise FederationFailed(
+                f"no round aggregated any site update ({len(self.state.failures)} failure(s)); see "
+                f"{self.output_dir / 'results.json'}"
+            )
+        return summary
+
+    # ------------------------------------------------------------------ persistence
+    def _evaluate_this_round(self, server_round: int) -> bool:
+        every = self.fed.evaluate_every
+        return server_round == self.num_rounds or (every > 0 and server_round % every == 0)
+
+    def _persist(self, status: str) -> dict[str, Any]:
+        save_server_state(self.state, self.output_dir)
+        baseline = (
+            self.state.history[0].get("eval") if self.state.history and self.state.history[0]["round"] == 0 else None
+        )
+        evaluated = [r for r in self.state.history if r["round"] > 0 and "eval" in r]
+        payload = {
+            "experiment": self.cfg.name,
+            "status": status,
+            "strategy": self.fed.strategy,
+            "num_rounds": self.num_rounds,
+            "completed_rounds": self.state.completed_round,
+            "aggregated_rounds": sum(1 for r in self.state.history if r.get("aggregated")),
+            "baseline_eval": baseline,
+            "final_eval": evaluated[-1]["eval"] if evaluated else None,
+            "rounds": self.state.history,
+            "failures": self.state.failures,
+            "checkpoint": str(checkpoint_path(self.output_dir)),
+            "config": self.state.config,
+        }
+        write_results(self.output_dir, payload)
+        return payload
+
+
+def coordinator_from_run(run: FederationRun, log: Callable[[str], None] = print) -> FederationCoordinator:
+    """Build the initial model (identical at every site: same seed), the evaluator and the coordinator."""
+    from mlip_fed.federation.evaluate import ServerEvaluator
+    from mlip_fed.federation.site import initial_global_state
+
+    cfg = run.cfg
+    weights, bank, model = initial_global_state(cfg)
+    evaluator = ServerEvaluator.from_config(cfg, model, log=log) if cfg.federation.evaluate_every >= 0 else None
+    log(f"[server] {cfg.name}: {run.num_rounds} round(s), strategy {cfg.federation.strategy}, output {run.output_dir}")
+    return FederationCoordinator(
+        cfg,
+        run.output_dir,
+        initial_weights=weights,
+        initial_bank=bank,
+        evaluator=evaluator,
+        num_rounds=run.num_rounds,
+        log=log,
+    )

@@ -1,0 +1,61 @@
+"""What travels in one round, as plain Python/tensor types (Flower encoding lives in ``server/codec.py``).
+
+Everything a site releases is listed here (DESIGN.md, invariant 4): the weights, the bank sums and
+counts, and the scalar metrics in ``SiteUpdate``. Nothing else leaves a site.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor
+
+#: Flower ``UserConfig``/``ConfigRecord`` scalars only: the round config must flatten to these.
+Scalar = int | float | str | bool
+
+
+@dataclass
+class RoundRequest:
+    """Server → site: the global model, the global bank and this round's training settings."""
+
+    server_round: int
+    weights: dict[str, Tensor]
+    bank: dict[str, Tensor]  # aggregate.BANK_GLOBAL_KEYS: prototypes_image/_text [K, d], initialized [K]
+    config: dict[str, Scalar] = field(default_factory=dict)
+
+
+@dataclass
+class SiteUpdate:
+    """Site → server: trained weights, per-category embedding sums/counts, scalar metrics."""
+
+    site_id: str
+    num_examples: int
+    weights: dict[str, Tensor]
+    bank_stats: dict[str, Tensor]  # aggregate.BANK_STAT_KEYS: sum_image/_text [K, d], count [K]
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class SiteFailure:
+    """A site that did not contribute to a round, and why (error reply, timeout, invalid reply)."""
+
+    server_round: int
+    site_id: str
+    node_id: int
+    reason: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"round": self.server_round, "site_id": self.site_id, "node_id": self.node_id, "reason": self.reason}
+
+
+def format_site_error(site_id: str, err: BaseException) -> str:
+    """The reason string a failing site sends; the server parses the site id back with ``parse_site_error``."""
+    return f"[site={site_id}] {type(err).__name__}: {err}"
+
+
+def parse_site_error(reason: str | None) -> str | None:
+    """Site id from a reason made by ``format_site_error``; None when the error came from elsewhere."""
+    if reason and reason.startswith("[site=") and "]" in reason:
+        return reason[len("[site=") : reason.index("]")]
+    return None

@@ -1,0 +1,1 @@
+"""The five MLIP objectives, one module each, plus the Sinkhorn and prototype-bank helpers."""

@@ -1,0 +1,116 @@
+"""Global image-text contrast with the divergence (EMA) image encoder (mlip-method.md §4.2, reading A).
+
+The online image embedding v and text embedding t are contrasted symmetrically. Targets are soft:
+(1-alpha)*one-hot + alpha*softmax(v^d . t^d / tau), where v^d comes from an EMA copy of the image
+tower and head applied to a second augmented view and t^d is the stop-gradient online text
+embedding. Near-duplicate reports ("no acute cardiopulmonary process") then receive target mass
+instead of being pushed apart as false negatives.
+
+The optional queue of past divergence embeddings (MoCo/ALBEF) is off by default and forbidden
+under DP: it lets one record's embedding enter the loss of later steps and other records' batches,
+so neither per-record nor per-bucket clipping bounds its influence.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def soft_target_itc_loss(
+    image: torch.Tensor,
+    text: torch.Tensor,
+    temperature: float,
+    *,
+    alpha: float = 0.0,
+    image_div: torch.Tensor | None = None,
+    text_div: torch.Tensor | None = None,
+    image_queue: torch.Tensor | None = None,
+    text_queue: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """½ [mean_i H(q_i2t, p_i2t) + mean_i H(q_t2i, p_t2i)] over L2-normalised [N, d] embeddings.
+
+    With ``alpha=0`` (or no divergence embeddings) this is the plain symmetric InfoNCE (CLIP/MGCA ITA halved).
+    ``image_queue``/``text_queue`` [K, d] add extra negatives (no gradient) whose target mass comes only
+    from the divergence branch.
+    """
+    n = image.shape[0]
+    if text.shape[0] != n:
+        raise ValueError(f"global ITC: {n} images but {text.shape[0]} texts")
+    text_keys = text if text_queue is None else torch.cat([text, text_queue.to(text.dtype)], dim=0)
+    image_keys = image if image_queue is None else torch.cat([image, image_queue.to(image.dtype)], dim=0)
+    logits_i2t = image @ text_keys.t() / temperature  # [N, N+K]
+    logits_t2i = text @ image_keys.t() / temperature
+    hard_i2t = F.one_hot(torch.arange(n, device=image.device), logits_i2t.shape[1]).to(image.dtype)
+    hard_t2i = F.one_hot(torch.arange(n, device=image.device), logits_t2i.shape[1]).to(image.dtype)
+    if alpha > 0 and image_div is not None:
+        with torch.no_grad():
+            t_d = (text if text_div is None else text_div).detach()
+            t_keys = t_d if text_queue is None else torch.cat([t_d, text_queue.to(t_d.dtype)], dim=0)
+            v_keys = image_div if image_queue is None else torch.cat([image_div, image_queue.to(image_div.dtype)], 0)
+            soft_i2t = F.softmax(image_div @ t_keys.t() / temperature, dim=1)
+            soft_t2i = F.softmax(t_d @ v_keys.t() / temperature, dim=1)
+        target_i2t = (1 - alpha) * hard_i2t + alpha * soft_i2t
+        target_t2i = (1 - alpha) * hard_t2i + alpha * soft_t2i
+    else:
+        target_i2t, target_t2i = hard_i2t, hard_t2i
+    loss_i2t = -(target_i2t * F.log_softmax(logits_i2t, dim=1)).sum(dim=1).mean()
+    loss_t2i = -(target_t2i * F.log_softmax(logits_t2i, dim=1)).sum(dim=1).mean()
+    return 0.5 * (loss_i2t + loss_t2i)
+
+
+@torch.no_grad()
+def ema_update_(target: nn.Module, online: nn.Module, momentum: float) -> None:
+    """theta_d <- m theta_d + (1-m) theta; buffers are copied. Call after ``optimizer.step()``."""
+    target_params = dict(target.named_parameters())
+    for name, param in online.named_parameters():
+        if name not in target_params:
+            raise KeyError(f"EMA update: parameter {name!r} missing from the divergence copy")
+        target_params[name].mul_(momentum).add_(param.detach(), alpha=1.0 - momentum)
+    target_buffers = dict(target.named_buffers())
+    for name, buf in online.named_buffers():
+        target_buffers[name].copy_(buf)
+
+
+class GlobalITC(nn.Module):
+    """Loss module holding the optional queue (buffers; no trainable parameters)."""
+
+    def __init__(self, dim: int, temperature: float, alpha: float, queue_size: int = 0) -> None:
+        super().__init__()
+        self.temperature = temperature
+        self.alpha = alpha
+        self.queue_size = queue_size
+        if queue_size > 0:
+            self.register_buffer("image_queue", F.normalize(torch.randn(queue_size, dim), dim=1))
+            self.register_buffer("text_queue", F.normalize(torch.randn(queue_size, dim), dim=1))
+            self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+            self.register_buffer("queue_filled", torch.zeros(1, dtype=torch.long))
+
+    def forward(self, image: torch.Tensor, text: torch.Tensor, image_div: torch.Tensor | None = None) -> torch.Tensor:
+        image_queue = text_queue = None
+        if self.queue_size > 0:
+            filled = int(self.queue_filled.item())
+            image_queue, text_queue = self.image_queue[:filled].clone(), self.text_queue[:filled].clone()
+        loss = soft_target_itc_loss(
+            image,
+            text,
+            self.temperature,
+            alpha=self.alpha,
+            image_div=image_div,
+            image_queue=image_queue,
+            text_queue=text_queue,
+        )
+        if self.queue_size > 0 and self.training:
+            self._enqueue(image_div if image_div is not None else image.detach(), text.detach())
+        return loss
+
+    @torch.no_grad()
+    def _enqueue(self, image: torch.Tensor, text: torch.Tensor) -> None:
+        n = min(image.shape[0], self.queue_size)
+        ptr = int(self.queue_ptr.item())
+        idx = (torch.arange(n, device=image.device) + ptr) % self.queue_size
+        self.image_queue[idx] = image[:n].to(self.image_queue.dtype)
+        self.text_queue[idx] = text[:n].to(self.text_queue.dtype)
+        self.queue_ptr.fill_((ptr + n) % self.queue_size)
+        self.queue_filled.fill_(min(self.queue_size, int(self.queue_filled.item()) + n))

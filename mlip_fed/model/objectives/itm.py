@@ -1,0 +1,115 @@
+"""Image-text matching with a small cross-attention fusion head and ITC-sampled hard negatives (§4.5).
+
+Attention is written with ``nn.Linear`` q/k/v rather than ``nn.MultiheadAttention``, so Opacus
+hooks it directly (no DPMultiheadAttention swap, no state-dict schema change).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class CrossAttentionLayer(nn.Module):
+    """Pre-norm: text tokens self-attend, cross-attend to patch tokens, then an MLP."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"itm: fusion width {dim} is not divisible by itm.fusion_heads={heads}")
+        self.heads = heads
+        self.norm_self = nn.LayerNorm(dim)
+        self.self_qkv = nn.Linear(dim, 3 * dim)
+        self.self_out = nn.Linear(dim, dim)
+        self.norm_cross = nn.LayerNorm(dim)
+        self.cross_q = nn.Linear(dim, dim)
+        self.cross_kv = nn.Linear(dim, 2 * dim)
+        self.cross_out = nn.Linear(dim, dim)
+        self.norm_mlp = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+    def _attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        b, lq, d = q.shape
+        h = self.heads
+        q, k, v = (t.reshape(b, -1, h, d // h).transpose(1, 2) for t in (q, k, v))
+        logits = q @ k.transpose(-1, -2) / (d // h) ** 0.5
+        if key_mask is not None:
+            logits = logits.masked_fill(~key_mask[:, None, None, :], -1e4)
+        out = torch.softmax(logits, dim=-1) @ v
+        return out.transpose(1, 2).reshape(b, lq, d)
+
+    def forward(self, text: torch.Tensor, text_mask: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.self_qkv(self.norm_self(text)).chunk(3, dim=-1)
+        x = text + self.self_out(self._attention(q, k, v, text_mask))
+        k, v = self.cross_kv(image).chunk(2, dim=-1)
+        x = x + self.cross_out(self._attention(self.cross_q(self.norm_cross(x)), k, v, None))
+        return x + self.mlp(self.norm_mlp(x))
+
+
+class FusionHead(nn.Module):
+    """Text tokens (pre-projection) attend to patch tokens (pre-projection, mapped to the text width).
+
+    The fused [CLS] goes to Linear(2): matched / not matched.
+    """
+
+    def __init__(self, text_dim: int, image_dim: int, layers: int = 1, heads: int = 4) -> None:
+        super().__init__()
+        self.image_proj = nn.Linear(image_dim, text_dim)
+        self.layers = nn.ModuleList(CrossAttentionLayer(text_dim, heads) for _ in range(layers))
+        self.norm = nn.LayerNorm(text_dim)
+        self.classifier = nn.Linear(text_dim, 2)
+
+    def forward(self, text_tokens: torch.Tensor, text_mask: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
+        image = self.image_proj(patches)
+        x = text_tokens
+        for layer in self.layers:
+            x = layer(x, text_mask.bool(), image)
+        return self.classifier(self.norm(x[:, 0]))
+
+
+@torch.no_grad()
+def sample_negatives(
+    similarity: torch.Tensor, generator: torch.Generator | None = None, hard: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One negative text per image and one negative image per text, ∝ softmax(similarity), positive excluded.
+
+    ``similarity`` [N, N] image-to-text (any scale; pass ITC logits). Needs N >= 2. Sampling runs on CPU with
+    ``generator`` so it is reproducible on every device.
+    """
+    n = similarity.shape[0]
+    if n < 2:
+        raise ValueError("ITM negatives need at least 2 pairs in the batch")
+    sim = similarity.detach().float().cpu()
+    if not hard:
+        sim = torch.zeros_like(sim)
+    eye = torch.eye(n, dtype=torch.bool)
+    weights_i2t = torch.softmax(sim.masked_fill(eye, float("-inf")), dim=1)
+    weights_t2i = torch.softmax(sim.t().masked_fill(eye, float("-inf")), dim=1)
+    neg_text = torch.multinomial(weights_i2t, 1, generator=generator).squeeze(1)
+    neg_image = torch.multinomial(weights_t2i, 1, generator=generator).squeeze(1)
+    return neg_text.to(similarity.device), neg_image.to(similarity.device)
+
+
+def itm_loss(
+    head: FusionHead,
+    text_tokens: torch.Tensor,
+    text_mask: torch.Tensor,
+    patches: torch.Tensor,
+    neg_text: torch.Tensor | None,
+    neg_image: torch.Tensor | None,
+) -> torch.Tensor:
+    """CE over N positive pairs + N (image, hard text) + N (hard image, text) pairs; negatives may be None (N=1)."""
+    tokens = [text_tokens]
+    masks = [text_mask]
+    images = [patches]
+    labels = [torch.ones(text_tokens.shape[0], dtype=torch.long, device=text_tokens.device)]
+    if neg_text is not None and neg_image is not None:
+        tokens += [text_tokens[neg_text], text_tokens]
+        masks += [text_mask[neg_text], text_mask]
+        images += [patches, patches[neg_image]]
+        labels += [torch.zeros_like(labels[0]), torch.zeros_like(labels[0])]
+    logits = head(torch.cat(tokens), torch.cat(masks), torch.cat(images))
+    return F.cross_entropy(logits, torch.cat(labels))

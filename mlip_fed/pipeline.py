@@ -1,0 +1,244 @@
+"""Builds the pieces of a run from an ``ExperimentConfig``: data, model, loaders, trainer.
+
+``mlip-pretrain``, ``mlip-eval``, the benchmarks and every Flower site call these same builders,
+so a central run and a federated site differ only in which records they load.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from mlip_fed.config import DataConfig, ExperimentConfig
+from mlip_fed.data.dataset import ImageReportDataset
+from mlip_fed.data.records import SkipReport, StudyRecord
+from mlip_fed.data.transforms import build_transforms, build_view_pair
+
+
+@dataclass
+class SiteData:
+    """One site's (or the pooled) train and test records, with what was skipped loading them."""
+
+    train: list[StudyRecord]
+    test: list[StudyRecord]
+    skips: SkipReport
+    name: str
+
+
+# ---------------------------------------------------------------------------- records
+def synthetic_manifests(data: DataConfig) -> list[Path]:
+    """Generate the SynthCXR federation once (under a lock: sites may start together), return its manifests."""
+    from mlip_fed.data.synthetic import generate_federation
+
+    root = Path(data.root)
+    syn = data.synthetic
+    spec = {
+        "num_sites": syn.num_sites,
+        "studies_per_site": syn.studies_per_site,
+        "image_size": data.image_size,
+        "seed": syn.seed,
+        "dirichlet_alpha": syn.dirichlet_alpha,
+        "test_fraction": syn.test_fraction,
+    }
+    marker = root / "synthcxr.json"
+    with _file_lock(root / ".generate.lock"):
+        if marker.is_file() and json.loads(marker.read_text()) == spec:
+            return [root / f"site_{k}" / "manifest.csv" for k in range(syn.num_sites)]
+        manifests = generate_federation(
+            root,
+            num_sites=syn.num_sites,
+            studies_per_site=syn.studies_per_site,
+            image_size=data.image_size,
+            seed=syn.seed,
+            dirichlet_alpha=syn.dirichlet_alpha,
+            test_fraction=syn.test_fraction,
+        )
+        from mlip_fed.io import atomic_write_json
+
+        atomic_write_json(marker, spec)
+    return list(manifests)
+
+
+def load_records(data: DataConfig, site_index: int | None = None) -> SiteData:
+    """Records of one synthetic site (``site_index``) or of everything the data config names (pooled)."""
+    if data.source == "synthetic":
+        manifests = synthetic_manifests(data)
+        if site_index is not None:
+            if not 0 <= site_index < len(manifests):
+                raise ValueError(f"site index {site_index} out of range: the federation has {len(manifests)} sites")
+            manifests = [manifests[site_index]]
+        return _from_manifests(manifests, name="pooled" if site_index is None else f"site_{site_index}")
+    if data.source == "manifest":
+        assert data.manifest is not None
+        return _from_manifests([Path(data.manifest)], name=Path(data.manifest).parent.name or "site")
+    if data.source == "mimic":
+        from mlip_fed.data.mimic import read_mimic
+
+        records, skips = read_mimic(Path(data.root), reports_root=data.reports_root)
+        return _split(records, skips, "mimic")
+    raise ValueError(f"data.source={data.source!r} has no pretraining reader (CheXpert has no reports)")
+
+
+def _from_manifests(manifests: Sequence[Path], name: str) -> SiteData:
+    from mlip_fed.data.manifest import read_manifest
+
+    records: list[StudyRecord] = []
+    skips = SkipReport()
+    for manifest in manifests:
+        found, report = read_manifest(manifest)
+        records.extend(found)
+        skips.merge(report)
+    return _split(records, skips, name)
+
+
+def _split(records: list[StudyRecord], skips: SkipReport, name: str) -> SiteData:
+    train = [r for r in records if r.split == "train"]
+    test = [r for r in records if r.split != "train"]
+    if not train:
+        raise ValueError(f"{name}: no training records loaded\n{skips.summary()}")
+    return SiteData(train=train, test=test, skips=skips, name=name)
+
+
+@contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+# ---------------------------------------------------------------------------- datasets and loaders
+def train_dataset(records: Sequence[StudyRecord], cfg: ExperimentConfig) -> ImageReportDataset:
+    first, second = build_view_pair(cfg.data.image_size, seed=cfg.seed)
+    return ImageReportDataset(records, first, second)
+
+
+def eval_dataset(records: Sequence[StudyRecord], cfg: ExperimentConfig, with_masks: bool = False) -> Any:
+    dataset = ImageReportDataset(records, build_transforms(cfg.data.image_size, train=False, seed=cfg.seed))
+    if with_masks:
+        from mlip_fed.data.dataset import with_masks as add_masks
+
+        return add_masks(dataset, cfg.data.image_size)
+    return dataset
+
+
+def train_loader(dataset: ImageReportDataset, collator: Any, cfg: ExperimentConfig) -> DataLoader:
+    generator = torch.Generator().manual_seed(cfg.train.seed)
+    return DataLoader(
+        dataset,
+        batch_size=cfg.train.batch_size,
+        shuffle=True,
+        drop_last=len(dataset) > cfg.train.batch_size,
+        num_workers=cfg.data.num_workers,
+        collate_fn=collator,
+        generator=generator,
+    )
+
+
+def steps_per_epoch(num_records: int, cfg: ExperimentConfig) -> int:
+    batches = num_records // cfg.train.batch_size if num_records > cfg.train.batch_size else 1
+    return max(1, -(-batches // cfg.train.grad_accum_steps))
+
+
+# ---------------------------------------------------------------------------- model and run plumbing
+def configure_threads(cfg: ExperimentConfig) -> None:
+    if cfg.train.num_threads is not None:
+        torch.set_num_threads(cfg.train.num_threads)
+
+
+def build_model(cfg: ExperimentConfig) -> Any:
+    """The MLIP model; identical initial weights wherever it is built with the same config (seeded)."""
+    from mlip_fed.model.mlip import MLIPModel
+
+    return MLIPModel(cfg.model)
+
+
+def build_collator(model: Any, cfg: ExperimentConfig) -> Any:
+    from mlip_fed.data.collate import MLIPCollator
+
+    objectives = cfg.model.objectives
+    return MLIPCollator(
+        model.tokenizer,
+        model.kb,
+        max_length=cfg.model.text.max_length,
+        swap_prob=objectives.text_swap.prob if objectives.text_swap.enabled else 0.0,
+        seed=cfg.seed,
+        max_entities=objectives.local_alignment.max_entities,
+        max_edits=objectives.text_swap.max_edits,
+    )
+
+
+def check_resumable(config_file: Path, cfg: ExperimentConfig) -> None:
+    """Refuse to resume a checkpoint trained with another model or data: the result would be neither run."""
+    if not config_file.is_file():
+        return
+    saved = json.loads(config_file.read_text())
+    now = cfg.model_dump(mode="json")
+    for section in ("model", "data"):
+        if saved.get(section) != now[section]:
+            raise ValueError(
+                f"{config_file.parent}/checkpoint.pt was trained with a different `{section}` config; "
+                f"use another output_dir or train.resume=false"
+            )
+
+
+def peak_rss_gib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def evaluate_model(model: Any, data: SiteData, cfg: ExperimentConfig) -> Any:
+    """Frozen-encoder evaluation on the test split; segmentation when the records carry masks."""
+    from mlip_fed.data.synthetic import MASK_CLASS_NAMES
+    from mlip_fed.eval.report import evaluate_all
+
+    eval_cfg = cfg.eval
+    has_masks = all(r.mask_path is not None for r in (*data.train, *data.test))
+    if has_masks and not eval_cfg.segmentation.enabled:
+        segmentation = eval_cfg.segmentation.model_copy(update={"enabled": True, "class_names": MASK_CLASS_NAMES})
+        eval_cfg = eval_cfg.model_copy(update={"segmentation": segmentation})
+    if not has_masks and eval_cfg.segmentation.enabled:
+        raise ValueError("eval.segmentation.enabled=true but the data has no masks (mask_path column)")
+    eval_cfg = eval_cfg.model_copy(update={"max_length": cfg.model.text.max_length})
+    train_ds = eval_dataset(data.train, cfg, with_masks=has_masks)
+    test_ds = eval_dataset(data.test, cfg, with_masks=has_masks)
+    return evaluate_all(model, model.tokenizer, train_ds, test_ds, eval_cfg)
+
+
+def write_evaluation(result: Any, out_dir: Path, title: str) -> None:
+    from mlip_fed.eval.report import write_json, write_markdown
+
+    write_json(result, out_dir / "eval.json")
+    write_markdown(result, out_dir / "eval.md", title=title)
+
+
+def load_model_weights(model: Any, checkpoint: Path) -> None:
+    """Load encoder weights from a trainer checkpoint (``model``) or a federation one (``weights``)."""
+    if not Path(checkpoint).is_file():
+        raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
+    try:
+        saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    except Exception as err:
+        raise ValueError(f"cannot read checkpoint {checkpoint}: {err}") from err
+    state = saved.get("model") or saved.get("weights") if isinstance(saved, dict) else None
+    if state is None:
+        raise ValueError(f"checkpoint {checkpoint} holds neither 'model' nor 'weights'")
+    state = {k: torch.as_tensor(v) for k, v in state.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"checkpoint {checkpoint} does not match the configured model: "
+            f"missing {sorted(missing)[:5]}..., unexpected {sorted(unexpected)[:5]}..."
+        )

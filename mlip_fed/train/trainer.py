@@ -1,0 +1,363 @@
+"""The local trainer: one loop used by ``mlip-pretrain`` and by every Flower site.
+
+It owns the optimiser, the schedule, mixed precision, accumulation, logging and checkpoints. What
+"compute the gradient of a batch" means is pluggable (``GradientFn``) so the DP engine can swap in
+bucketed clipping without a second training loop (DESIGN.md, invariant 1).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from mlip_fed.config import TrainConfig
+from mlip_fed.io import append_jsonl, atomic_torch_save
+from mlip_fed.train.schedule import build_warmup_cosine
+
+CHECKPOINT_VERSION = 1
+
+
+class TrainingDiverged(RuntimeError):
+    """A loss became NaN, infinite or exploded; the message names the objective and the step."""
+
+
+class GradientFn(Protocol):
+    """Fills ``p.grad`` for one micro-batch and returns the loss parts it saw (detached floats)."""
+
+    def __call__(self, model: nn.Module, batch: dict[str, Any], loss_scale: float) -> dict[str, float]: ...
+
+
+def standard_gradient(model: nn.Module, batch: dict[str, Any], loss_scale: float) -> dict[str, float]:
+    """Non-private gradient: backpropagate the weighted total of all enabled objectives."""
+    output = model(batch)
+    (output.total * loss_scale).backward()
+    parts = {name: float(value.detach()) for name, value in output.parts.items()}
+    parts["total"] = float(output.total.detach())
+    return parts
+
+
+@dataclass
+class TrainState:
+    """Counters that make a resumed run continue exactly where it stopped."""
+
+    epoch: int = 0
+    batches_done_in_epoch: int = 0
+    global_step: int = 0
+    samples_seen: int = 0
+
+
+@dataclass
+class TrainSummary:
+    steps: int
+    samples: int
+    seconds: float
+    mean_parts: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def samples_per_second(self) -> float:
+        return self.samples / self.seconds if self.seconds > 0 else float("nan")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device='cuda' but no CUDA device is visible")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def epoch_seed(base_seed: int, epoch: int) -> int:
+    """Per-epoch seed, so a resumed epoch replays the same data order and augmentations."""
+    return (base_seed * 1_000_003 + epoch * 7919) % 2**31
+
+
+class LocalTrainer:
+    """Trains an MLIP model on one site's (or the central) data loader."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        cfg: TrainConfig,
+        *,
+        total_steps: int,
+        output_dir: Path | None = None,
+        gradient_fn: GradientFn = standard_gradient,
+        device: torch.device | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.device = device or resolve_device(cfg.device)
+        self.model = model.to(self.device)
+        self.total_steps = max(1, total_steps)
+        self.output_dir = output_dir
+        self.gradient_fn = gradient_fn
+        self.state = TrainState()
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        fused = self.device.type == "cuda"
+        self.optimizer = torch.optim.AdamW(
+            params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, fused=fused or None
+        )
+        self.scheduler = build_warmup_cosine(self.optimizer, self.total_steps, cfg.warmup_fraction, cfg.lr, cfg.min_lr)
+        self.autocast_dtype = self._autocast_dtype()
+        self._tb_writer = self._open_tensorboard() if cfg.tensorboard else None
+        self._resume_rng: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------------ training
+    def fit(
+        self, loader: Iterable[dict[str, Any]], epochs: int, on_step: Callable[[dict[str, Any]], None] | None = None
+    ) -> TrainSummary:
+        """Run ``epochs`` more epochs (a partly done epoch counts as the first), or until ``max_steps``."""
+        target_epoch = self.state.epoch + epochs
+        start_time = time.perf_counter()
+        start_samples = self.state.samples_seen
+        start_step = self.state.global_step
+        totals: dict[str, float] = {}
+        counts = 0
+        self.model.train()
+        while self.state.epoch < target_epoch and not self.reached_max_steps():
+            for parts in self._run_epoch(loader, on_step):
+                for key, value in parts.items():
+                    totals[key] = totals.get(key, 0.0) + value
+                counts += 1
+        seconds = time.perf_counter() - start_time
+        mean_parts = {k: v / counts for k, v in totals.items()} if counts else {}
+        return TrainSummary(
+            steps=self.state.global_step - start_step,
+            samples=self.state.samples_seen - start_samples,
+            seconds=seconds,
+            mean_parts=mean_parts,
+        )
+
+    def _run_epoch(
+        self, loader: Iterable[dict[str, Any]], on_step: Callable[[dict[str, Any]], None] | None
+    ) -> Iterator[dict[str, float]]:
+        epoch = self.state.epoch
+        self._set_epoch(loader, epoch)
+        skip = self.state.batches_done_in_epoch
+        accum = self.cfg.grad_accum_steps
+        batch_iter = iter(loader)
+        for _ in range(skip):  # replay the data pipeline so augmentation RNG lines up exactly
+            next(batch_iter)
+        if self._resume_rng is not None:
+            _set_rng_state(self._resume_rng)
+            self._resume_rng = None
+        progress = self._progress(loader, skip)
+        micro: list[dict[str, Any]] = []
+        exhausted = True
+        for batch in batch_iter:
+            if batch is None:  # every item of this batch failed to decode; counted by the dataset
+                self.state.batches_done_in_epoch += 1
+                continue
+            micro.append(batch)
+            if len(micro) < accum:
+                continue
+            yield self._step_and_report(micro, progress, on_step)
+            micro = []
+            if self.reached_max_steps():
+                exhausted = False
+                break
+        if micro:  # a final partial accumulation still trains
+            yield self._step_and_report(micro, progress, on_step)
+        if progress is not None:
+            progress.close()
+        if exhausted:
+            self.state.epoch += 1
+            self.state.batches_done_in_epoch = 0
+
+    def _step_and_report(
+        self, micro: list[dict[str, Any]], progress: Any, on_step: Callable[[dict[str, Any]], None] | None
+    ) -> dict[str, float]:
+        parts = self._optimizer_step(micro)
+        self.state.batches_done_in_epoch += len(micro)
+        if progress is not None:
+            progress.update(len(micro))
+            progress.set_postfix(loss=f"{parts['total']:.3f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
+        if on_step is not None:
+            on_step({"step": self.state.global_step, "epoch": self.state.epoch, **parts})
+        return parts
+
+    def _optimizer_step(self, micro_batches: list[dict[str, Any]]) -> dict[str, float]:
+        self.optimizer.zero_grad(set_to_none=True)
+        summed: dict[str, float] = {}
+        samples = 0
+        step_start = time.perf_counter()
+        for batch in micro_batches:
+            batch = _to_device(batch, self.device)
+            with self._autocast():
+                parts = self.gradient_fn(self.model, batch, 1.0 / len(micro_batches))
+            self._check_finite(parts)
+            for key, value in parts.items():
+                summed[key] = summed.get(key, 0.0) + value / len(micro_batches)
+            samples += _batch_size(batch)
+        if self.cfg.max_grad_norm is not None and self.gradient_fn is standard_gradient:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
+            summed["grad_norm"] = float(grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        update = getattr(self.model, "update_divergence_encoder", None)
+        if callable(update):
+            update()
+        self.state.global_step += 1
+        self.state.samples_seen += samples
+        if self.state.global_step % self.cfg.log_every == 0 or self.state.global_step == 1:
+            self._log(summed, samples / max(1e-9, time.perf_counter() - step_start))
+        return summed
+
+    def _check_finite(self, parts: dict[str, float]) -> None:
+        for name, value in parts.items():
+            if name == "total":
+                continue
+            if not math.isfinite(value) or abs(value) > self.cfg.loss_explode_threshold:
+                raise TrainingDiverged(
+                    f"objective {name!r} produced loss {value} at step {self.state.global_step + 1} "
+                    f"(epoch {self.state.epoch}); threshold train.loss_explode_threshold="
+                    f"{self.cfg.loss_explode_threshold}"
+                )
+
+    def reached_max_steps(self) -> bool:
+        return self.cfg.max_steps is not None and self.state.global_step >= self.cfg.max_steps
+
+    def _set_epoch(self, loader: Iterable[dict[str, Any]], epoch: int) -> None:
+        seed_everything(epoch_seed(self.cfg.seed, epoch))
+        for obj in (
+            loader,
+            getattr(loader, "dataset", None),
+            getattr(loader, "collate_fn", None),
+            getattr(loader, "sampler", None),
+        ):
+            set_epoch = getattr(obj, "set_epoch", None)
+            reseed = getattr(obj, "reseed", None)
+            if callable(set_epoch):
+                set_epoch(epoch)
+            elif callable(reseed):  # datasets with seeded augmentation (ImageReportDataset)
+                reseed(epoch_seed(self.cfg.seed, epoch))
+        generator = getattr(getattr(loader, "sampler", None), "generator", None)
+        if isinstance(generator, torch.Generator):
+            generator.manual_seed(epoch_seed(self.cfg.seed, epoch))
+
+    # ------------------------------------------------------------------ logging
+    def _log(self, parts: dict[str, float], images_per_second: float) -> None:
+        record = {
+            "step": self.state.global_step,
+            "epoch": self.state.epoch,
+            "lr": self.scheduler.get_last_lr()[0],
+            "images_per_s": images_per_second,
+            **parts,
+        }
+        if self.output_dir is not None:
+            append_jsonl(self.output_dir / "metrics.jsonl", record)
+        if self._tb_writer is not None:
+            for key, value in record.items():
+                if key != "step":
+                    self._tb_writer.add_scalar(f"train/{key}", value, self.state.global_step)
+
+    def _progress(self, loader: Iterable[Any], skip: int) -> Any:
+        if not self.cfg.progress_bar:
+            return None
+        from tqdm.auto import tqdm
+
+        total = _safe_len(loader, None)
+        return tqdm(total=total, initial=skip, desc=f"epoch {self.state.epoch}", leave=False, dynamic_ncols=True)
+
+    def _open_tensorboard(self) -> Any:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as err:
+            raise RuntimeError("train.tensorboard=true needs the 'tensorboard' package installed") from err
+        log_dir = (self.output_dir or Path("runs")) / "tensorboard"
+        return SummaryWriter(log_dir=str(log_dir))
+
+    # ------------------------------------------------------------------ precision
+    def _autocast_dtype(self) -> torch.dtype | None:
+        if self.cfg.amp == "off" or (self.cfg.amp == "auto" and self.device.type != "cuda"):
+            return None
+        if self.device.type != "cuda":
+            raise RuntimeError("train.amp='bf16' is for GPU runs; set train.amp=off or auto on CPU")
+        return torch.bfloat16
+
+    def _autocast(self) -> Any:
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": CHECKPOINT_VERSION,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "state": vars(self.state).copy(),
+            "total_steps": self.total_steps,
+            "rng": _get_rng_state(),
+        }
+
+    def load_state_dict(self, checkpoint: dict[str, Any]) -> None:
+        if checkpoint.get("version") != CHECKPOINT_VERSION:
+            raise ValueError(f"checkpoint version {checkpoint.get('version')} != {CHECKPOINT_VERSION}")
+        self.model.load_state_dict(checkpoint["model"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.scheduler.load_state_dict(checkpoint["scheduler"])
+        self.state = TrainState(**checkpoint["state"])
+        self._resume_rng = checkpoint["rng"]
+        _set_rng_state(checkpoint["rng"])
+
+    def save_checkpoint(self, path: Path) -> Path:
+        return atomic_torch_save(path, self.state_dict())
+
+    def load_checkpoint(self, path: Path) -> None:
+        try:
+            checkpoint = torch.load(path, map_location=self.device, weights_only=False)
+        except Exception as err:  # a torn or foreign file: say which one
+            raise ValueError(f"cannot read checkpoint {path}: {err}") from err
+        self.load_state_dict(checkpoint)
+
+
+def _get_rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"].cpu() if hasattr(state["torch"], "cpu") else state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _batch_size(batch: dict[str, Any]) -> int:
+    image = batch.get("image")
+    return int(image.shape[0]) if isinstance(image, torch.Tensor) else 0
+
+
+def _safe_len(obj: Any, default: Any) -> Any:
+    try:
+        return len(obj)
+    except TypeError:
+        return default

@@ -1,0 +1,130 @@
+"""The local trainer: exact resume, divergence detection, schedule, accumulation."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from mlip_fed.config import TrainConfig
+from mlip_fed.train.schedule import warmup_cosine_factor
+from mlip_fed.train.trainer import LocalTrainer, TrainingDiverged
+
+
+@dataclass
+class _Out:
+    total: torch.Tensor
+    parts: dict[str, torch.Tensor]
+
+
+class _ToyModel(nn.Module):
+    """Two "objectives", dropout (consumes RNG in forward) and an EMA buffer, like MLIP."""
+
+    def __init__(self, explode_at: int | None = None) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Dropout(0.2), nn.Linear(8, 2))
+        self.register_buffer("ema", torch.zeros(2))
+        self.calls = 0
+        self.explode_at = explode_at
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> _Out:
+        self.calls += 1
+        out = self.net(batch["image"])
+        fit = ((out - batch["target"]) ** 2).mean()
+        reg = out.pow(2).mean() * 0.1
+        if self.explode_at is not None and self.calls >= self.explode_at:
+            reg = reg * float("nan")
+        return _Out(total=fit + reg, parts={"fit": fit, "reg": reg})
+
+    def update_divergence_encoder(self) -> None:
+        with torch.no_grad():
+            self.ema.mul_(0.9).add_(0.1 * self.net[0].weight.mean())
+
+
+class _Noisy(Dataset):
+    """Augmentation drawn from the global torch RNG, as MONAI/torch transforms may do."""
+
+    def __len__(self) -> int:
+        return 20
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        g = torch.Generator().manual_seed(index)
+        x = torch.randn(4, generator=g) + 0.1 * torch.randn(4)
+        return {"image": x, "target": torch.stack([x.sum(), x[0] - x[1]])}
+
+
+def _loader(seed: int = 0) -> DataLoader:
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(_Noisy(), batch_size=4, shuffle=True, generator=generator)
+
+
+def _cfg(**kw: object) -> TrainConfig:
+    base = {"lr": 1e-2, "progress_bar": False, "seed": 3, "warmup_fraction": 0.2, "log_every": 1}
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _trainer(tmp_path, cfg: TrainConfig | None = None, model: nn.Module | None = None) -> LocalTrainer:
+    torch.manual_seed(0)
+    return LocalTrainer(model or _ToyModel(), cfg or _cfg(), total_steps=15, output_dir=tmp_path)
+
+
+def test_resume_mid_epoch_is_exact(tmp_path) -> None:
+    straight = _trainer(tmp_path / "a")
+    straight.fit(_loader(), epochs=3)
+
+    first = _trainer(tmp_path / "b", _cfg(max_steps=7))  # stops inside epoch 2 (5 batches per epoch)
+    first.fit(_loader(), epochs=3)
+    assert first.state.global_step == 7 and first.state.batches_done_in_epoch == 2
+    first.save_checkpoint(tmp_path / "ckpt.pt")
+
+    resumed = _trainer(tmp_path / "c")
+    torch.manual_seed(12345)  # a fresh process has some other RNG state
+    resumed.load_checkpoint(tmp_path / "ckpt.pt")
+    resumed.fit(_loader(), epochs=2)
+
+    assert resumed.state.global_step == straight.state.global_step == 15
+    for (name, a), (_, b) in zip(straight.model.state_dict().items(), resumed.model.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_nan_loss_names_the_objective(tmp_path) -> None:
+    trainer = _trainer(tmp_path, model=_ToyModel(explode_at=3))
+    with pytest.raises(TrainingDiverged, match=r"objective 'reg'.*step 3"):
+        trainer.fit(_loader(), epochs=1)
+
+
+def test_metrics_written_as_json_lines(tmp_path) -> None:
+    trainer = _trainer(tmp_path)
+    summary = trainer.fit(_loader(), epochs=1)
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 5 and summary.steps == 5 and summary.samples == 20
+    assert {"fit", "reg", "total", "lr", "step"} <= set(__import__("json").loads(lines[-1]))
+
+
+def test_grad_accumulation_counts_optimizer_steps(tmp_path) -> None:
+    trainer = _trainer(tmp_path, _cfg(grad_accum_steps=2))
+    summary = trainer.fit(_loader(), epochs=1)  # 5 batches → 2 full accumulations + 1 partial
+    assert summary.steps == 3 and summary.samples == 20
+
+
+def test_corrupt_checkpoint_names_the_file(tmp_path) -> None:
+    bad = tmp_path / "torn.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="torn.pt"):
+        _trainer(tmp_path).load_checkpoint(bad)
+
+
+def test_warmup_cosine_shape() -> None:
+    assert warmup_cosine_factor(0, 100, 10, 0.0) == pytest.approx(0.1)
+    assert warmup_cosine_factor(9, 100, 10, 0.0) == pytest.approx(1.0)
+    assert warmup_cosine_factor(55, 100, 10, 0.0) == pytest.approx(0.5)
+    assert warmup_cosine_factor(100, 100, 10, 0.01) == pytest.approx(0.01)
+    assert all(
+        warmup_cosine_factor(s, 100, 10, 0.0) >= warmup_cosine_factor(s + 1, 100, 10, 0.0) for s in range(10, 99)
+    )
+    assert not math.isnan(warmup_cosine_factor(5, 0, 0, 0.0))
