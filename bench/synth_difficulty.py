@@ -94,7 +94,9 @@ def main(argv: list[str] | None = None) -> int:
         "|---|---:|" + "---:|" * len(results),
     ]
     for j, category in enumerate(CHEXPERT_CATEGORIES):
-        cells = " | ".join("n/a" if math.isnan(results[r][category]) else f"{results[r][category]:.3f}" for r in results)
+        cells = " | ".join(
+            "n/a" if math.isnan(results[r][category]) else f"{results[r][category]:.3f}" for r in results
+        )
         lines.append(f"| {category} | {int(positives[j])} | {cells} |")
     macro = " | ".join(f"**{np.nanmean(list(results[r].values())):.3f}**" for r in results)
     lines.append(f"| **macro** | | {macro} |")

@@ -107,6 +107,10 @@ class PrivacyPolicy(_Strict):
     #: Noise on released prototype sums and counts (units of the unit-norm bound).
     prototype_noise_multiplier: float = Field(default=4.0, gt=0)
     release_prototypes: bool = True
+    #: Categories whose NOISY count is below this are suppressed in a DP prototype release.
+    prototype_count_threshold: float = Field(default=5.0, ge=0)
+    #: Public cap on (record, positive category) pairs one privacy unit adds to the bank (sensitivity of a release).
+    prototype_contribution_bound: int = Field(default=14, ge=1)
 
     @model_validator(mode="after")
     def _dp_needs_budget(self) -> PrivacyPolicy:

@@ -75,10 +75,10 @@ def load_records(data: DataConfig, site_index: int | None = None) -> SiteData:
             if not 0 <= site_index < len(manifests):
                 raise ValueError(f"site index {site_index} out of range: the federation has {len(manifests)} sites")
             manifests = [manifests[site_index]]
-        return _from_manifests(manifests, name="pooled" if site_index is None else f"site_{site_index}")
+        return records_from_manifests(manifests, name="pooled" if site_index is None else f"site_{site_index}")
     if data.source == "manifest":
         assert data.manifest is not None
-        return _from_manifests([Path(data.manifest)], name=Path(data.manifest).parent.name or "site")
+        return records_from_manifests([Path(data.manifest)], name=Path(data.manifest).parent.name or "site")
     if data.source == "mimic":
         from mlip_fed.data.mimic import read_mimic
 
@@ -87,7 +87,7 @@ def load_records(data: DataConfig, site_index: int | None = None) -> SiteData:
     raise ValueError(f"data.source={data.source!r} has no pretraining reader (CheXpert has no reports)")
 
 
-def _from_manifests(manifests: Sequence[Path], name: str) -> SiteData:
+def records_from_manifests(manifests: Sequence[Path], name: str) -> SiteData:
     from mlip_fed.data.manifest import read_manifest
 
     records: list[StudyRecord] = []
@@ -200,17 +200,18 @@ def peak_rss_gib() -> float:
 
 
 def evaluate_model(model: Any, data: SiteData, cfg: ExperimentConfig) -> Any:
-    """Frozen-encoder evaluation on the test split; segmentation when the records carry masks."""
-    from mlip_fed.data.synthetic import MASK_CLASS_NAMES
+    """Frozen-encoder evaluation on the test split (segmentation needs mask_path on every record)."""
     from mlip_fed.eval.report import evaluate_all
 
     eval_cfg = cfg.eval
-    has_masks = all(r.mask_path is not None for r in (*data.train, *data.test))
-    if has_masks and not eval_cfg.segmentation.enabled:
-        segmentation = eval_cfg.segmentation.model_copy(update={"enabled": True, "class_names": MASK_CLASS_NAMES})
-        eval_cfg = eval_cfg.model_copy(update={"segmentation": segmentation})
-    if not has_masks and eval_cfg.segmentation.enabled:
-        raise ValueError("eval.segmentation.enabled=true but the data has no masks (mask_path column)")
+    has_masks = eval_cfg.segmentation.enabled
+    if has_masks:
+        missing = [r.study_id for r in (*data.train, *data.test) if r.mask_path is None]
+        if missing:
+            raise ValueError(
+                f"eval.segmentation.enabled=true but {len(missing)} studies have no mask_path (e.g. {missing[:3]}); "
+                "set eval.segmentation.enabled=false"
+            )
     eval_cfg = eval_cfg.model_copy(update={"max_length": cfg.model.text.max_length})
     train_ds = eval_dataset(data.train, cfg, with_masks=has_masks)
     test_ds = eval_dataset(data.test, cfg, with_masks=has_masks)

@@ -112,14 +112,18 @@ def test_resume_refuses_a_different_model(tmp_path: Path) -> None:
 def test_run_without_any_aggregated_round_fails_visibly(tmp_path: Path) -> None:
     coord = _coordinator(tmp_path, num_rounds=1)
     coord.start()
-    record = coord.complete_round(1, [], [SiteFailure(1, "site_0", 3, "no reply before the round timeout")], num_sampled=1)
+    record = coord.complete_round(
+        1, [], [SiteFailure(1, "site_0", 3, "no reply before the round timeout")], num_sampled=1
+    )
     assert record["aggregated"] is False
     assert torch.equal(coord.state.weights["w"], torch.zeros(2))
     with pytest.raises(FederationFailed, match="no round aggregated"):
         coord.finish()
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["status"] == "failed"
-    assert results["failures"] == [{"round": 1, "site_id": "site_0", "node_id": 3, "reason": "no reply before the round timeout"}]
+    assert results["failures"] == [
+        {"round": 1, "site_id": "site_0", "node_id": 3, "reason": "no reply before the round timeout"}
+    ]
 
 
 def test_node_selection_is_seeded_and_respects_minimum(tmp_path: Path) -> None:

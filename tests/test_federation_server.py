@@ -36,8 +36,13 @@ def _update(site: str, value: float, n: int) -> SiteUpdate:
     count[0] = 6.0
     sums = torch.zeros(K, D)
     sums[0, 1] = 6.0
-    return SiteUpdate(site, n, {"w": torch.full((2,), value)}, {"sum_image": sums, "sum_text": sums, "count": count},
-                      {"train_loss": value, "train_seconds": 0.1, "handler_seconds": 0.2})
+    return SiteUpdate(
+        site,
+        n,
+        {"w": torch.full((2,), value)},
+        {"sum_image": sums, "sum_text": sums, "count": count},
+        {"train_loss": value, "train_seconds": 0.1, "handler_seconds": 0.2},
+    )
 
 
 class InProcessGrid(Grid):

@@ -154,7 +154,8 @@ def test_aggregation_follows_chexpert() -> None:
     )
     assert labels["Pneumonia"] == -1.0 and labels["Edema"] == -1.0 and labels["Pneumothorax"] == 0.0
     assert math.isnan(labels["No Finding"]) and math.isnan(labels["Fracture"])
-    devices_only = dict(zip(CHEXPERT_CATEGORIES, aggregate_labels([Statement("", (("Support Devices", "positive"),))])))
+    only_devices = aggregate_labels([Statement("", (("Support Devices", "positive"),))])
+    devices_only = dict(zip(CHEXPERT_CATEGORIES, only_devices, strict=True))
     assert devices_only["No Finding"] == 1.0
 
 

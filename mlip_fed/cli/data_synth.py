@@ -19,7 +19,9 @@ def _sizes(text: str) -> int | list[int]:
     try:
         values = [int(part) for part in text.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--studies-per-site: expected an integer or a comma list, got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"--studies-per-site: expected an integer or a comma list, got {text!r}"
+        ) from None
     if any(v < 1 for v in values):
         raise argparse.ArgumentTypeError(f"--studies-per-site: sizes must be >= 1, got {text!r}")
     return values[0] if len(values) == 1 else values
@@ -74,7 +76,9 @@ def summarise(manifests: list[Path]) -> str:
             unc = sum(r[category] == "-1.0" for r in rows) / max(n, 1)
             table[category].append(f"{100 * pos:5.1f}% (+{100 * unc:4.1f}% unc)")
     width = max(len(c) for c in CHEXPERT_CATEGORIES)
-    lines = [*counts, "", "prevalence (label 1.0, and -1.0):", "  ".join([header[0].ljust(width), *header[1:]])]
+    cell = max(len(v) for values in table.values() for v in values) if manifests else 0
+    header_line = "  ".join([header[0].ljust(width), *(h.ljust(cell) for h in header[1:])])
+    lines = [*counts, "", "prevalence (label 1.0, and -1.0):", header_line]
     for category in CHEXPERT_CATEGORIES:
         lines.append("  ".join([category.ljust(width), *table[category]]))
     return "\n".join(lines)

@@ -34,9 +34,9 @@ from mlip_fed.data.synthetic import (
     make_site_profiles,
     plan_patients,
     render_study,
+    same_findings,
     sample_anatomy,
     sample_findings,
-    same_findings,
     seeded_rng,
 )
 from mlip_fed.data.synthetic_reports import write_report
@@ -93,7 +93,8 @@ def write_manifest(path: str | Path, rows: Iterable[dict[str, object]]) -> Path:
         if missing:
             raise ValueError(f"manifest {path} row {i}: missing columns {missing}")
         writer.writerow(
-            format_label(float(row[c])) if c in CHEXPERT_CATEGORIES else str(row[c]) for c in MANIFEST_COLUMNS  # type: ignore[arg-type]
+            format_label(float(row[c])) if c in CHEXPERT_CATEGORIES else str(row[c])
+            for c in MANIFEST_COLUMNS  # type: ignore[arg-type]
         )
     return atomic_write_text(path, buffer.getvalue())
 

@@ -89,9 +89,7 @@ FINDING_SPECS: tuple[FindingSpec, ...] = (
     ),
     FindingSpec("nodule", ("Lung Lesion",), ("subcentimeter", "small"), 0.06, ("left", "right"), True, 0.95),
     FindingSpec("mass", ("Lung Lesion",), ("small", "large"), 0.03, ("left", "right"), False, 0.95),
-    FindingSpec(
-        "atelectasis", ("Atelectasis",), ("mild", "moderate"), 0.12, ("left", "right", "bilateral"), True, 0.5
-    ),
+    FindingSpec("atelectasis", ("Atelectasis",), ("mild", "moderate"), 0.12, ("left", "right", "bilateral"), True, 0.5),
     FindingSpec("edema", ("Edema",), ("mild", "moderate", "severe"), 0.09, ("bilateral",), True, 0.5),
     FindingSpec("endotracheal_tube", ("Support Devices",), (), 0.07, (None,), False, 0.6),
     FindingSpec("central_line", ("Support Devices",), (), 0.11, ("right", "left", "right"), False, 0.7),
@@ -970,7 +968,7 @@ def render_study(
     _burn_marker(image, profile.marker_text, profile.marker_corner)
     pixels = np.round(image * 255).astype(np.uint8)
 
-    masks = {kind: layer.mask for kind, layer in layers.items()}
+    masks = {kind: _at_least_one_pixel(layer) for kind, layer in layers.items()}
     label_mask = np.zeros((image_size, image_size), dtype=np.uint8)
     bboxes: dict[str, tuple[int, int, int, int]] = {}
     for kind in sorted(masks, key=lambda k: (-int(masks[k].sum()), MASK_INDEX[k])):
@@ -984,6 +982,20 @@ def render_study(
         if not (label_mask == MASK_INDEX[kind]).any():
             raise RuntimeError(f"finding {kind!r} is hidden under smaller findings in the label mask")
     return RenderedStudy(pixels, label_mask, masks, bboxes)
+
+
+def _at_least_one_pixel(layer: _FindingLayer) -> np.ndarray:
+    """A finding thinner than a pixel (small images) keeps its most affected pixel as its mask."""
+    if layer.mask.any():
+        return layer.mask
+    effect = np.abs(layer.density)
+    if layer.no_texture is not None:
+        effect = effect + np.abs(layer.no_texture)
+    if not effect.any():
+        return layer.mask
+    mask = np.zeros_like(layer.mask)
+    mask[np.unravel_index(int(np.argmax(effect)), effect.shape)] = True
+    return mask
 
 
 def decode_label_mask(label_mask: np.ndarray) -> dict[str, np.ndarray]:

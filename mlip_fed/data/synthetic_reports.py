@@ -102,7 +102,11 @@ _HEDGES: tuple[str, ...] = (
     "Questionable {np}.",
     "{Np} is not excluded.",
 )
-_NORMAL = ("No acute cardiopulmonary process.", "No acute cardiopulmonary abnormality.", "No acute intrathoracic process.")
+_NORMAL = (
+    "No acute cardiopulmonary process.",
+    "No acute cardiopulmonary abnormality.",
+    "No acute intrathoracic process.",
+)
 _UNCHANGED = ("Unchanged from prior.", "No significant interval change.", "Stable appearance compared with prior.")
 _INDICATIONS = ("Cough.", "Shortness of breath.", "Fever.", "Chest pain.", "Dyspnea.", "Pre-operative evaluation.")
 _ORDINAL = {i: f"{i}{'st' if i == 1 else 'nd' if i == 2 else 'rd' if i == 3 else 'th'}" for i in range(1, 13)}
@@ -154,7 +158,12 @@ def _vocabulary(kb: KnowledgeBase) -> dict:
     lobes = {lobe: kb.concept(lobe) for lobe in LOBES.values()}
     abbreviations = {}
     for kind in _ABBREVIATED:
-        found = [a for c in kb.for_category(_NOUN_CATEGORY[kind]) for a in c.abbreviations if _NOUNS[kind][0] in c.surface_forms]
+        found = [
+            a
+            for c in kb.for_category(_NOUN_CATEGORY[kind])
+            for a in c.abbreviations
+            if _NOUNS[kind][0] in c.surface_forms
+        ]
         abbreviations[kind] = found[0].upper() if found else None
     result = {"lobes": lobes, "abbreviations": abbreviations}
     _CHECKED[id(kb)] = (kb, result)
@@ -294,9 +303,14 @@ class _Writer:
         if f.kind == "pneumonia":
             np_ = f"early {noun}"
         elif f.kind in ("pleural_effusion", "pneumothorax", "atelectasis"):
-            np_ = f"{f.severity} {f.laterality} {noun}" if f.laterality != "bilateral" else f"{f.severity} bilateral {noun}"
+            np_ = (
+                f"{f.severity} {f.laterality} {noun}"
+                if f.laterality != "bilateral"
+                else f"{f.severity} bilateral {noun}"
+            )
         elif f.kind in ("consolidation", "nodule"):
-            np_ = f"{noun} in the {self.lobe(str(f.location))}"
+            # Location first: a post-trigger ("... is not excluded") must sit right after the noun.
+            np_ = f"{self.lobe(str(f.location))} {noun}"
         elif f.kind == "rib_fracture":
             np_ = f"{f.laterality} rib fracture" if noun == "fracture" else f"{f.laterality} {noun}"
         elif noun.startswith(("enlarged", "widened")):

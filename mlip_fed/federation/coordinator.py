@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import random
 import time
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,11 @@ from mlip_fed.federation.server_state import (
     load_server_state,
     save_server_state,
 )
+from mlip_fed.io import atomic_write_text
+
+#: The run id sent to sites in every request (sites key their privacy-ledger events by it); kept beside the
+#: checkpoint so a resumed run keeps its id and a retried round is not charged twice.
+RUN_ID_FILE = "run_id.txt"
 
 #: (weights, bank) -> metrics such as {"auroc": .., "r_at_5": ..}; see ``evaluate.ServerEvaluator``.
 Evaluator = Callable[[Mapping[str, Tensor], Mapping[str, Tensor]], dict[str, float]]
@@ -81,6 +87,10 @@ class FederationCoordinator:
             self.state = saved
             self.state.config = config_json
             self.log(f"[server] resuming {cfg.name} after round {saved.completed_round} from {self.output_dir}")
+            run_id_path = self.output_dir / RUN_ID_FILE
+            if not run_id_path.is_file():
+                raise ValueError(f"resuming {self.output_dir}: {run_id_path} is missing; DP sites need the same run id")
+            self.run_id = run_id_path.read_text().strip()
         else:
             missing = [k for k in BANK_GLOBAL_KEYS if k not in initial_bank]
             if missing:
@@ -92,7 +102,8 @@ class FederationCoordinator:
                 optimizer=self.optimizer.state_dict(),
                 config=config_json,
             )
-        self.started = time.perf_counter()
+            self.run_id = f"{cfg.name}-{uuid.uuid4().hex[:12]}"  # a fresh run: new ledger keys at every site
+            atomic_write_text(self.output_dir / RUN_ID_FILE, self.run_id + "\n")
 
     # ------------------------------------------------------------------ round life cycle
     def remaining_rounds(self) -> range:
@@ -130,6 +141,7 @@ class FederationCoordinator:
             bank={k: self.state.bank[k] for k in BANK_GLOBAL_KEYS},
             config={
                 "server-round": server_round,
+                "run-id": self.run_id,
                 "num-rounds": self.num_rounds,
                 "local-epochs": self.fed.local_epochs,
                 "strategy": self.fed.strategy,
@@ -151,9 +163,10 @@ class FederationCoordinator:
             raise ValueError(
                 f"round {server_round} completed out of order (last completed {self.state.completed_round})"
             )
-        for failure in failures:
+        for failure in failures:  # a refusal by a site's privacy policy included: log it, carry on with the others
+            what = "refused the round" if failure.refused else "left out"
             self.log(
-                f"[server] round {server_round}: site {failure.site_id} (node {failure.node_id}) left out: {failure.reason}"
+                f"[server] round {server_round}: site {failure.site_id} (node {failure.node_id}) {what}: {failure.reason}"
             )
         t_agg = time.perf_counter()
         record: dict[str, Any] = {
@@ -167,6 +180,9 @@ class FederationCoordinator:
             ],
             "failures": [f.as_dict() for f in failures],
         }
+        epsilons = {u.site_id: float(u.metrics["epsilon"]) for u in updates if "epsilon" in u.metrics}
+        if epsilons:  # each DP site's own sample-level epsilon after this round (public ledger parameters)
+            record["epsilon"] = epsilons
         if updates:
             weights = [float(u.num_examples) for u in updates]
             averaged = weighted_average([u.weights for u in updates], weights)
@@ -174,9 +190,11 @@ class FederationCoordinator:
             bank, updated = merge_site_banks(self.state.bank, [u.bank_stats for u in updates], self.fed.bank_min_count)
             self.state.bank = bank
             record["bank_updated"] = int(updated.sum())
-            record["train_loss"] = sum(
-                u.metrics.get("train_loss", math.nan) * w for u, w in zip(updates, weights, strict=True)
-            ) / sum(weights)
+            reported = [
+                (u.metrics["train_loss"], w) for u, w in zip(updates, weights, strict=True) if "train_loss" in u.metrics
+            ]
+            if reported:  # DP sites do not send a training loss (it is not accounted)
+                record["train_loss"] = sum(v * w for v, w in reported) / sum(w for _, w in reported)
         else:
             self.log(f"[server] round {server_round}: no site update arrived; global model unchanged")
         aggregation_s = time.perf_counter() - t_agg
@@ -281,7 +299,7 @@ def coordinator_from_run(run: FederationRun, log: Callable[[str], None] = print)
 
     cfg = run.cfg
     weights, bank, model = initial_global_state(cfg)
-    evaluator = ServerEvaluator.from_config(cfg, model, log=log) if cfg.federation.evaluate_every >= 0 else None
+    evaluator = ServerEvaluator.from_config(cfg, model, log=log)  # evaluate_every=0: round 0 and last only
     log(f"[server] {cfg.name}: {run.num_rounds} round(s), strategy {cfg.federation.strategy}, output {run.output_dir}")
     return FederationCoordinator(
         cfg,

@@ -45,6 +45,11 @@ class SiteFailure:
     node_id: int
     reason: str
 
+    @property
+    def refused(self) -> bool:
+        """The site's privacy policy refused the round (``site.RoundRefused``), as opposed to a crash or timeout."""
+        return "RoundRefused:" in self.reason
+
     def as_dict(self) -> dict[str, Any]:
         return {"round": self.server_round, "site_id": self.site_id, "node_id": self.node_id, "reason": self.reason}
 

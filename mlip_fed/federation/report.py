@@ -87,3 +87,18 @@ def plot_results(output_dir: Path, history: Sequence[dict[str, Any]], title: str
     fig.savefig(buffer, format="png", dpi=100)
     plt.close(fig)
     return atomic_write_bytes(Path(output_dir) / PLOT_NAME, buffer.getvalue())
+
+
+def replace_docs_block(doc: Path, name: str, content: str) -> Path:
+    """Replace the text between ``<!-- BEGIN name -->`` and ``<!-- END name -->`` in a docs page (append if absent).
+
+    Each benchmark owns one block, so several can write their tables into the same page.
+    """
+    begin, end = f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"
+    text = Path(doc).read_text(encoding="utf-8") if Path(doc).exists() else ""
+    block = f"{begin}\n{content.rstrip()}\n{end}"
+    if begin in text and end in text:
+        text = text[: text.index(begin)] + block + text[text.index(end) + len(end) :]
+    else:
+        text = text.rstrip() + ("\n\n" if text else "") + block + "\n"
+    return atomic_write_bytes(Path(doc), text.encode("utf-8"))

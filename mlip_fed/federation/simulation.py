@@ -118,9 +118,34 @@ def superlink_pids(flwr_home: Path) -> list[int]:
     return pids
 
 
+def descendants(pid: int) -> list[int]:
+    """All live descendants of ``pid`` (children first discovered breadth-first), from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry.name))
+    found: list[int] = []
+    queue = [pid]
+    while queue:
+        for child in children.get(queue.pop(0), []):
+            found.append(child)
+            queue.append(child)
+    return found
+
+
 def stop_superlink(flwr_home: Path, timeout_s: float = 20.0) -> list[int]:
-    """SIGTERM our SuperLink(s) (their SuperExec and Ray children follow), SIGKILL if they linger."""
-    pids = superlink_pids(flwr_home)
+    """Stop our SuperLink and everything it started (SuperExec, the simulation process, Ray), by PID.
+
+    The simulation process runs the ServerApp with an in-process grid: it does not die with the
+    SuperLink, so the whole tree is signalled (SIGTERM, then SIGKILL after ``timeout_s``).
+    """
+    roots = superlink_pids(Path(flwr_home))
+    pids = [p for root in roots for p in [*reversed(descendants(root)), root]]
     for pid in pids:
         try:
             os.kill(pid, signal.SIGTERM)
@@ -223,3 +248,37 @@ def run_flwr_simulation(
     fresh = results_file.is_file() and results_file.stat().st_mtime >= started_at  # not a previous run's file
     results = json.loads(results_file.read_text()) if fresh else None
     return SimulationResult(returncode, results, output_dir, log_path, time.perf_counter() - start)
+
+
+def run_in_process(
+    experiment: str, overrides: Sequence[str], output_dir: Path, *, central: bool = False, quiet: bool = True
+) -> dict[str, Any]:
+    """A federation in one process, without Flower: coordinator and site runtimes called directly.
+
+    Same maths, same trainer, same checkpoints and results.json as ``flwr run``; the benchmarks use it
+    to compare learning (federated vs centralized) without paying Ray/SuperLink start-up per
+    configuration. ``central=True`` trains one 'site' on the pooled data: the centralized baseline.
+    """
+    import resource
+
+    from mlip_fed.federation.coordinator import coordinator_from_run
+    from mlip_fed.federation.run_config import experiment_from_run_config
+    from mlip_fed.federation.site import SiteRuntime
+
+    run = experiment_from_run_config(
+        {"experiment": experiment, "overrides": " ".join(overrides), "output-dir": str(Path(output_dir).resolve())}
+    )
+    log = (lambda line: None) if quiet else print
+    coordinator = coordinator_from_run(run, log=log)
+    indices: list[int | None] = [None] if central else list(range(run.cfg.data.synthetic.num_sites))
+    sites = [SiteRuntime(run.cfg, k, run.output_dir / "sites" / f"site_{k}", log=log) for k in indices]
+    coordinator.start()
+    t0 = time.perf_counter()
+    for server_round in coordinator.remaining_rounds():
+        request = coordinator.round_request(server_round)
+        updates = [site.train_round(request) for site in sites]
+        coordinator.complete_round(server_round, updates, [], num_sampled=len(sites))
+    summary = coordinator.finish()
+    summary["wall_seconds"] = time.perf_counter() - t0
+    summary["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return summary

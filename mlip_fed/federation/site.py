@@ -1,7 +1,10 @@
 """One hospital's side of a round: load the global model and bank, train locally, release weights and bank stats.
 
 Used by the ClientApp in simulation (partition id -> SynthCXR hospital) and, next, by the deployed
-``mlip-client``. The trainer is the same ``LocalTrainer`` that ``mlip-pretrain`` uses. State that
+``mlip-client``. Under a DP policy (``privacy.mechanism`` bucketed or decomposable) a round goes through
+the site's ``SitePrivacy``: its ledger in ``state_dir``, a policy check before any training (a refused
+round raises ``RoundRefused``; the ClientApp replies with the reason), Poisson sampling of patients,
+the DP gradient, and a noised prototype-bank release; see docs/privacy.md "DP in the federation". The trainer is the same ``LocalTrainer`` that ``mlip-pretrain`` uses. State that
 must outlive a process -- the trainer checkpoint (optimiser moments, schedule, counters) and the
 bank history -- lives in the site's own ``state_dir``; nothing depends on Flower's in-memory
 ``context.state``.
@@ -19,7 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from mlip_fed.config import ExperimentConfig
+from mlip_fed.config import ExperimentConfig, PrivacyPolicy
 from mlip_fed.federation.aggregate import BANK_STAT_KEYS
 from mlip_fed.federation.payload import RoundRequest, SiteUpdate
 from mlip_fed.io import append_jsonl
@@ -27,6 +30,31 @@ from mlip_fed.model.objectives.prototype_bank import PrototypeBank
 from mlip_fed.train.trainer import GradientFn, LocalTrainer, standard_gradient
 
 TRAINER_CHECKPOINT = "trainer_round_{:04d}.pt"
+#: The site's privacy ledger, in its state dir: it outlives rounds, runs and restarts.
+PRIVACY_LEDGER = "privacy_ledger.sqlite"
+#: Ledger meta key holding, per run id, the noise multiplier calibrated once for that run's whole schedule.
+CALIBRATION_META = "calibration"
+
+
+class RoundRefused(RuntimeError):
+    """The site's privacy policy refuses this round (budget, delta > 1/N, noise below minimum); nothing was trained."""
+
+    def __init__(self, site_id: str, server_round: int, reason: str) -> None:
+        super().__init__(f"round {server_round} {reason}")
+        self.site_id = site_id
+        self.server_round = server_round
+        self.reason = reason
+
+
+def privacy_overrides(config: Mapping[str, Any]) -> list[str]:
+    """Request keys that try to set a privacy field. The site ignores them: its policy is its own (invariant 3)."""
+    fields = set(PrivacyPolicy.model_fields)
+    found = []
+    for key in config:
+        norm = key.replace("-", "_")
+        if norm.startswith("privacy") or norm.split(".")[-1] in fields:
+            found.append(key)
+    return sorted(found)
 
 
 # ---------------------------------------------------------------------------- builders
@@ -71,13 +99,18 @@ def proximal_gradient(global_weights: Mapping[str, Tensor], mu: float, max_grad_
 
 # ---------------------------------------------------------------------------- bank statistics
 @torch.no_grad()
-def bank_statistics(model: Any, loader: DataLoader, device: torch.device) -> dict[str, Tensor]:
-    """Per-category sums of unit-norm image/text embeddings and member counts over the site's train split.
+def accumulate_bank(
+    model: Any, loader: DataLoader, device: torch.device, unit_key: str = "patient_id"
+) -> tuple[PrototypeBank, int]:
+    """Per-category sums of unit-norm image/text embeddings and member counts over the site's train split,
+    and the largest number of (record, positive category) pairs one privacy unit (``unit_key``: patient_id or
+    study_id) adds, which must stay within the public bound that sets a DP release's sensitivity.
 
     One eval-mode pass after local training, so every member is embedded by the same weights that
     are sent back (during training the weights move under the running sums).
     """
     bank = PrototypeBank(dim=model.prototype_bank.dim, categories=model.prototype_bank.categories)
+    per_unit: dict[str, int] = {}
     was_training = model.training
     model.train(False)
     try:
@@ -87,9 +120,16 @@ def bank_statistics(model: Any, loader: DataLoader, device: torch.device) -> dic
             image = model.encode_image(batch["image"].to(device)).embedding
             text = model.encode_text(batch["input_ids"].to(device), batch["attention_mask"].to(device)).embedding
             bank.accumulate(image, text, batch["labels"])
+            for unit, n in zip(batch[unit_key], (batch["labels"] == 1.0).sum(dim=1).tolist(), strict=True):
+                per_unit[str(unit)] = per_unit.get(str(unit), 0) + int(n)
     finally:
         model.train(was_training)
-    state = bank.state_dict()
+    return bank, max(per_unit.values(), default=0)
+
+
+def bank_statistics(model: Any, loader: DataLoader, device: torch.device) -> dict[str, Tensor]:
+    """The raw (non-DP) statistics the site sends when it trains without a DP policy."""
+    state = accumulate_bank(model, loader, device)[0].state_dict()
     return {k: state[k] for k in BANK_STAT_KEYS}
 
 
@@ -98,8 +138,10 @@ class SiteRuntime:
     """A hospital's data, model and on-disk state; ``train_round`` answers one server request."""
 
     def __init__(
-        self, cfg: ExperimentConfig, site_index: int, state_dir: Path, log: Callable[[str], None] = print
+        self, cfg: ExperimentConfig, site_index: int | None, state_dir: Path, log: Callable[[str], None] = print
     ) -> None:
+        """``site_index=None`` trains on the pooled data: a one-site federation that is centralized training
+        with the very same trainer, rounds and bank statistics (the benchmarks' baseline)."""
         from mlip_fed.pipeline import (
             build_collator,
             build_model,
@@ -109,16 +151,14 @@ class SiteRuntime:
             train_loader,
         )
 
-        if cfg.privacy.mechanism != "none":
-            # Invariant 4: a release not covered by the accountant is not sent. The DP site runtime
-            # (noised bank sums, ledger) is not wired into federation yet.
+        if cfg.privacy.mechanism != "none" and cfg.train.grad_accum_steps != 1:
             raise ValueError(
-                f"privacy.mechanism={cfg.privacy.mechanism!r}: DP federated training is not supported by this "
-                "site runtime yet; refusing to release un-noised weights and prototype statistics"
+                f"privacy.mechanism={cfg.privacy.mechanism!r} with train.grad_accum_steps={cfg.train.grad_accum_steps}: "
+                "under DP every micro-batch is its own noised step; set train.grad_accum_steps=1"
             )
         self.cfg = cfg
         self.site_index = site_index
-        self.site_id = f"site_{site_index}"
+        self.site_id = "central" if site_index is None else f"site_{site_index}"
         self.state_dir = Path(state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.log = log
@@ -130,7 +170,14 @@ class SiteRuntime:
         self.num_train = len(data.train)
         self.model = build_model(cfg)
         collator = build_collator(self.model, cfg)
-        self.loader = train_loader(train_dataset(data.train, cfg), collator, cfg)
+        self.collator = collator
+        self.train_data = train_dataset(data.train, cfg)
+        self.loader = train_loader(self.train_data, collator, cfg)
+        #: Under DP: patients (or records) are the privacy unit; q = expected batch / units, a public schedule.
+        self.patient_ids = [r.patient_id for r in data.train]
+        unit_keys = self.patient_ids if cfg.privacy.privacy_unit == "patient" else [r.study_id for r in data.train]
+        self.num_units = len(set(unit_keys))
+        self.sample_rate = min(1.0, cfg.train.batch_size / max(1, self.num_units))
         self.stats_loader = DataLoader(
             eval_dataset(data.train, cfg),
             batch_size=cfg.train.batch_size,
@@ -139,10 +186,17 @@ class SiteRuntime:
             collate_fn=collator,
         )
 
+    @property
+    def dp(self) -> bool:
+        return self.cfg.privacy.mechanism != "none"
+
     def steps_per_round(self, local_epochs: int) -> int:
         from mlip_fed.pipeline import steps_per_epoch
 
-        per_round = steps_per_epoch(self.num_train, self.cfg) * local_epochs
+        if self.dp:  # Poisson loader: int(1/q) steps per epoch
+            per_round = max(1, int(1 / self.sample_rate)) * local_epochs
+        else:
+            per_round = steps_per_epoch(self.num_train, self.cfg) * local_epochs
         if self.cfg.train.max_steps is not None:  # in federation, max_steps bounds one round
             per_round = min(per_round, self.cfg.train.max_steps)
         return per_round
@@ -150,40 +204,26 @@ class SiteRuntime:
     def train_round(self, request: RoundRequest) -> SiteUpdate:
         t_start = time.perf_counter()
         server_round = request.server_round
+        ignored = privacy_overrides(request.config)
+        if ignored:  # the server may ask for training; it cannot loosen this site's policy
+            self.log(f"[{self.site_id}] round {server_round}: ignoring privacy settings in the request: {ignored}")
         local_epochs = int(request.config.get("local-epochs", self.cfg.federation.local_epochs))
         num_rounds = int(request.config.get("num-rounds", self.cfg.federation.num_rounds))
         mu = float(request.config.get("proximal-mu", 0.0))
         per_round = self.steps_per_round(local_epochs)
+        if self.dp:
+            return self._train_round_dp(request, local_epochs, num_rounds, mu, per_round, t_start)
 
         gradient_fn = (
             proximal_gradient(request.weights, mu, self.cfg.train.max_grad_norm) if mu > 0 else standard_gradient
         )
-        train_cfg = self.cfg.train.model_copy(update={"progress_bar": False})
-        trainer = LocalTrainer(
-            self.model,
-            train_cfg,
-            total_steps=per_round * num_rounds,
-            output_dir=self.state_dir,
-            gradient_fn=gradient_fn,
-        )
-        previous = self.state_dir / TRAINER_CHECKPOINT.format(server_round - 1)
-        if previous.exists():  # optimiser moments, schedule position and counters of this site's last round
-            trainer.load_checkpoint(previous)
-            if trainer.state.batches_done_in_epoch:  # a round cut short by max_steps: the next starts a fresh epoch
-                trainer.state.epoch += 1
-                trainer.state.batches_done_in_epoch = 0
-        self._load_global(request)
-        if self.cfg.train.max_steps is not None:  # bounds this round, not the site's lifetime
-            trainer.cfg = train_cfg.model_copy(update={"max_steps": trainer.state.global_step + per_round})
-
+        trainer = self._trainer(request, gradient_fn, per_round, num_rounds)
         t_train = time.perf_counter()
         summary = trainer.fit(self.loader, epochs=local_epochs)
         train_seconds = time.perf_counter() - t_train
-        trainer.save_checkpoint(self.state_dir / TRAINER_CHECKPOINT.format(server_round))
-        self._prune_checkpoints(keep_from=server_round - 1)
+        self._save_trainer(trainer, server_round)
 
         stats = bank_statistics(self.model, self.stats_loader, trainer.device)
-        weights = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
         append_jsonl(
             self.state_dir / "bank_history.jsonl",
             {"round": server_round, "count": stats["count"].tolist(), "steps": summary.steps},
@@ -196,7 +236,153 @@ class SiteRuntime:
             "handler_seconds": time.perf_counter() - t_start,
         }
         metrics.update({f"loss_{k}": v for k, v in summary.mean_parts.items() if k not in ("total", "grad_norm")})
-        return SiteUpdate(self.site_id, self.num_train, weights, stats, metrics)
+        return SiteUpdate(self.site_id, self.num_train, self._weights(), stats, metrics)
+
+    # ------------------------------------------------------------------ DP round
+    def _train_round_dp(
+        self, request: RoundRequest, local_epochs: int, num_rounds: int, mu: float, per_round: int, t_start: float
+    ) -> SiteUpdate:
+        """Policy check, DP training, ledger charge, noised bank release; only accounted values leave the site.
+
+        Sent: weights (DP-SGD output), the noised bank (charged), the site's current epsilon and the public
+        schedule (sigma, q, steps, delta). Not sent: train loss and per-objective losses, the realised sample
+        count (not accounted); ``num_examples`` is the public expected count q * N * steps.
+        """
+        from mlip_fed.privacy.engine import _seed
+        from mlip_fed.privacy.site_privacy import PrivacyRefused, SitePrivacy
+
+        server_round = request.server_round
+        run_id = request.config.get("run-id")
+        if not run_id:
+            raise ValueError(
+                f"[{self.site_id}] round {server_round}: the request carries no 'run-id'; a DP site needs it to key "
+                "its ledger events (a retried round must not be charged twice)"
+            )
+        run_id = str(run_id)
+        if mu > 0:
+            raise ValueError(
+                f"[{self.site_id}] proximal-mu={mu} (FedProx) is not wired into the DP gradient; use fedavg or fedadam"
+            )
+        policy, q = self.cfg.privacy, self.sample_rate
+        # Seeded per (site, run, round): a retried round replays the same Poisson draws, dropout and noise, so
+        # re-sending it is post-processing of the release already charged, not a second, uncharged release.
+        round_seed = _seed(self.cfg.seed, self.site_id, run_id, server_round)
+        sp = SitePrivacy(
+            policy, self.state_dir / PRIVACY_LEDGER, self.num_units, run_id, site=self.site_id, seed=round_seed
+        )
+        try:
+            self._noise_for_run(sp, server_round, run_id, q, per_round * num_rounds, num_rounds)
+            retry = any(
+                e.run_id == run_id and e.round == server_round and e.kind == "train" for e in sp.ledger.events()
+            )
+            if not retry:  # a retried round was charged already: re-running it costs nothing new
+                refusal = sp.plan_round(server_round, steps=per_round, sample_rate=q)
+                if refusal is not None:
+                    self.log(f"[{self.site_id}] round {server_round}: {refusal}")
+                    raise RoundRefused(self.site_id, server_round, str(refusal))
+
+            grad = sp.gradient_fn(self.model)
+            try:
+                trainer = self._trainer(request, grad, per_round, num_rounds)
+                loader = sp.poisson_loader(self.train_data, self.collator, self.patient_ids, q)
+                torch.manual_seed(round_seed)
+                t_train = time.perf_counter()
+                trainer.fit(loader, epochs=local_epochs)
+                train_seconds = time.perf_counter() - t_train
+            finally:
+                grad.close()
+            try:  # charged before anything leaves the site; idempotent per (run id, round)
+                sp.record_training(server_round, steps=grad.steps, sample_rate=q)
+                bank, contributions = accumulate_bank(
+                    self.model,
+                    self.stats_loader,
+                    trainer.device,
+                    "patient_id" if policy.privacy_unit == "patient" else "study_id",
+                )
+                release = sp.release_bank(bank, server_round, observed_contributions=contributions)
+            except PrivacyRefused as err:
+                raise RoundRefused(self.site_id, server_round, str(err.refusal)) from err
+            self._save_trainer(trainer, server_round)
+            spent = sp.epsilon()
+        finally:
+            sp.close()
+
+        stats = {"sum_image": release.sum_image, "sum_text": release.sum_text, "count": release.count}
+        append_jsonl(
+            self.state_dir / "bank_history.jsonl",
+            {"round": server_round, "released_count": release.count.tolist(), "steps": grad.steps},
+        )
+        metrics = {
+            "train_steps": float(grad.steps),
+            "train_seconds": train_seconds,
+            "handler_seconds": time.perf_counter() - t_start,
+            "epsilon": spent.epsilon,
+            "epsilon_rdp": spent.rdp,
+            "delta": policy.delta,
+            "noise_multiplier": float(sp.noise_multiplier or math.nan),
+            "sample_rate": q,
+            "bank_categories_released": float(release.kept.sum()),
+        }
+        if spent.prv is not None:
+            metrics["epsilon_prv"] = spent.prv
+        expected = max(1, round(q * self.num_train * grad.steps))  # public: q, N and steps are in the ledger
+        self.log(f"[{self.site_id}] round {server_round}: epsilon {spent.epsilon:.3f} (delta {policy.delta:g})")
+        return SiteUpdate(self.site_id, expected, self._weights(), stats, metrics)
+
+    def _noise_for_run(
+        self, sp: Any, server_round: int, run_id: str, q: float, total_steps: int, num_rounds: int
+    ) -> None:
+        """The policy's sigma, or the one calibrated ONCE for this run's whole schedule, kept in the ledger meta."""
+        if self.cfg.privacy.noise_multiplier is not None:
+            return
+        calibration = dict(sp.ledger.meta().get(CALIBRATION_META, {}))
+        if run_id in calibration:
+            sp.noise_multiplier = float(calibration[run_id]["noise_multiplier"])
+            return
+        releases = num_rounds if self.cfg.privacy.release_prototypes else 0
+        try:
+            sigma = sp.calibrate(total_steps, q, releases=releases)
+        except ValueError as err:  # the earlier spend leaves no room for this schedule at any sigma
+            raise RoundRefused(
+                self.site_id, server_round, f"refused (budget): cannot calibrate noise for run {run_id}: {err}"
+            ) from err
+        calibration[run_id] = {
+            "noise_multiplier": sigma,
+            "total_steps": total_steps,
+            "sample_rate": q,
+            "releases": releases,
+        }
+        sp.ledger.set_meta(CALIBRATION_META, calibration)
+        self.log(f"[{self.site_id}] run {run_id}: calibrated sigma={sigma:.4f} for {total_steps} steps at q={q:.4f}")
+
+    # ------------------------------------------------------------------ shared plumbing
+    def _trainer(self, request: RoundRequest, gradient_fn: GradientFn, per_round: int, num_rounds: int) -> LocalTrainer:
+        """The site's trainer resumed from its previous round (optimiser moments, schedule, counters)."""
+        train_cfg = self.cfg.train.model_copy(update={"progress_bar": False})
+        trainer = LocalTrainer(
+            self.model,
+            train_cfg,
+            total_steps=per_round * num_rounds,
+            output_dir=self.state_dir,
+            gradient_fn=gradient_fn,
+        )
+        previous = self.state_dir / TRAINER_CHECKPOINT.format(request.server_round - 1)
+        if previous.exists():  # optimiser moments, schedule position and counters of this site's last round
+            trainer.load_checkpoint(previous)
+            if trainer.state.batches_done_in_epoch:  # a round cut short by max_steps: the next starts a fresh epoch
+                trainer.state.epoch += 1
+                trainer.state.batches_done_in_epoch = 0
+        self._load_global(request)
+        if self.cfg.train.max_steps is not None:  # bounds this round, not the site's lifetime
+            trainer.cfg = train_cfg.model_copy(update={"max_steps": trainer.state.global_step + per_round})
+        return trainer
+
+    def _save_trainer(self, trainer: LocalTrainer, server_round: int) -> None:
+        trainer.save_checkpoint(self.state_dir / TRAINER_CHECKPOINT.format(server_round))
+        self._prune_checkpoints(keep_from=server_round - 1)
+
+    def _weights(self) -> dict[str, Tensor]:
+        return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
 
     def _load_global(self, request: RoundRequest) -> None:
         self.model.load_state_dict(request.weights)

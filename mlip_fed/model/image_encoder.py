@@ -88,6 +88,7 @@ class ViTImageEncoder(nn.Module):
         self.grid = (side, side)
         self.pooled_dim = hidden
         self.patch_dim = hidden
+        self.pooling = cfg.pooling
 
     def forward(self, images: torch.Tensor) -> ImageFeatures:
         x = self.cls(self.vit.patch_embedding(images))
@@ -97,7 +98,8 @@ class ViTImageEncoder(nn.Module):
         attn = self.vit.blocks[-1].attn.att_mat  # [B, H, N, N], detached by MONAI
         weights = attn[:, :, 0, 1:].mean(dim=1)
         weights = weights / weights.sum(dim=-1, keepdim=True)
-        return ImageFeatures(pooled=x[:, 0], patches=x[:, 1:], grid=self.grid, patch_weights=weights)
+        pooled = x[:, 1:].mean(dim=1) if self.pooling == "mean" else x[:, 0]
+        return ImageFeatures(pooled=pooled, patches=x[:, 1:], grid=self.grid, patch_weights=weights)
 
 
 def _residual_forward(block: nn.Module, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

@@ -2,6 +2,12 @@
 
 Construction is seeded (``config.seed``) inside a forked RNG, so every site builds bit-identical
 initial weights, knowledge tokens and knowledge prototypes without disturbing the caller's RNG.
+
+Groups (DP buckets, docs/privacy.md): an optional ``batch["group_ids"]`` LongTensor [B] restricts every
+cross-sample interaction to samples with the same id (ITC softmaxes, Sinkhorn codes, ITM negatives).
+Every objective then reduces as a mean over the B samples of per-sample terms, so
+``forward(batch).total == sum_g (n_g / B) * forward(group g alone).total``: ``B * total`` is a sum of
+per-group terms that each depend only on that group's members, which is what bucketed clipping needs.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from mlip_fed.model.heads import ProjectionHead
 from mlip_fed.model.image_encoder import build_image_encoder
 from mlip_fed.model.objectives.category_contrast import CategoryContrast
 from mlip_fed.model.objectives.global_itc import GlobalITC, ema_update_
-from mlip_fed.model.objectives.itm import FusionHead, itm_loss, sample_negatives
+from mlip_fed.model.objectives.itm import FusionHead, itm_loss, sample_group_negatives, sample_negatives
 from mlip_fed.model.objectives.local_alignment import LocalAlignment
 from mlip_fed.model.objectives.prototype_bank import PrototypeBank
 from mlip_fed.model.outputs import ImageOutput, LossOutput, TextOutput
@@ -226,9 +232,21 @@ class MLIPModel(nn.Module):
             "entity_words": batch["entity_words"].to(device).bool(),
         }
 
+    def _group_ids(self, batch: dict[str, Any], device: torch.device, n: int) -> torch.Tensor | None:
+        group_ids = batch.get("group_ids")
+        if group_ids is None:
+            return None
+        group_ids = torch.as_tensor(group_ids, device=device)
+        if group_ids.dtype != torch.long or group_ids.shape != (n,):
+            raise ValueError(
+                f"batch['group_ids'] must be a LongTensor of shape [{n}], got {group_ids.dtype} {tuple(group_ids.shape)}"
+            )
+        return group_ids
+
     def forward(self, batch: dict[str, Any]) -> LossOutput:
         obj = self.config.objectives
         images = batch["image"]
+        group_ids = self._group_ids(batch, images.device, images.shape[0])
         image = self.encode_image(images)
         text = self.encode_text(batch["input_ids"], batch["attention_mask"])
         parts: dict[str, torch.Tensor] = {}
@@ -246,7 +264,7 @@ class MLIPModel(nn.Module):
                     view2 = images  # evaluation: no augmentation, so the second view is the image itself
                 with torch.no_grad():
                     image_div = self.divergence_image_head(self.divergence_image_encoder(view2).pooled)
-            parts["global_itc"] = self.global_itc(image.embedding, text.embedding, image_div)
+            parts["global_itc"] = self.global_itc(image.embedding, text.embedding, image_div, group_ids=group_ids)
 
         if self.local_alignment is not None:
             extra = self._knowledge_tokens(batch, images.device) if obj.local_alignment.knowledge else {}
@@ -256,27 +274,34 @@ class MLIPModel(nn.Module):
                 word_weights=text.word_weights,
                 patches=image.patches,
                 patch_weights=image.patch_weights,
+                group_ids=group_ids,
                 **extra,
             )
 
         if self.category_contrast is not None:
-            parts["category_contrast"] = self.category_contrast(image.embedding, text.embedding, batch["labels"])
+            parts["category_contrast"] = self.category_contrast(
+                image.embedding, text.embedding, batch["labels"], group_ids=group_ids
+            )
 
         if self.fusion is not None:
             mask = batch["attention_mask"]
-            neg_text = neg_image = None
-            if images.shape[0] >= 2:
-                sim = image.embedding @ text.embedding.t() / obj.global_itc.temperature
+            neg_text = neg_image = has_negative = None
+            sim = image.embedding @ text.embedding.t() / obj.global_itc.temperature
+            if group_ids is not None:
+                neg_text, neg_image, has_negative = sample_group_negatives(sim, group_ids, hard=obj.itm.hard_negatives)
+            elif images.shape[0] >= 2:
                 neg_text, neg_image = sample_negatives(sim, hard=obj.itm.hard_negatives)
-            parts["itm"] = itm_loss(self.fusion, text.tokens, mask, image.patch_features, neg_text, neg_image)
+            parts["itm"] = itm_loss(
+                self.fusion, text.tokens, mask, image.patch_features, neg_text, neg_image, has_negative
+            )
             if obj.text_swap.enabled:
-                parts["text_swap"] = self._text_swap(batch, image.patch_features)
+                parts["text_swap"] = self._text_swap(batch, image.patch_features, per_sample=group_ids is not None)
 
         weights = {name: getattr(obj, name).weight for name in parts}
         total = sum(weights[name] * value for name, value in parts.items())
         return LossOutput(total=total, parts=parts)  # type: ignore[arg-type]
 
-    def _text_swap(self, batch: dict[str, Any], patches: torch.Tensor) -> torch.Tensor:
+    def _text_swap(self, batch: dict[str, Any], patches: torch.Tensor, per_sample: bool = False) -> torch.Tensor:
         assert self.fusion is not None
         for key in ("swap_input_ids", "swap_attention_mask", "swap_valid"):
             if key not in batch:
@@ -287,4 +312,7 @@ class MLIPModel(nn.Module):
         swap = self.text_encoder(batch["swap_input_ids"], batch["swap_attention_mask"])
         logits = self.fusion(swap.tokens, batch["swap_attention_mask"], patches)
         per_row = F.cross_entropy(logits, torch.zeros_like(valid, dtype=torch.long), reduction="none")
-        return (per_row * valid.to(per_row.dtype)).sum() / valid.sum().clamp(min=1)
+        total = (per_row * valid.to(per_row.dtype)).sum()
+        if per_sample:  # group mode: divide by B, not by the batch's count of counterfactuals (that couples groups)
+            return total / per_row.shape[0]
+        return total / valid.sum().clamp(min=1)

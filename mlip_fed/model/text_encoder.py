@@ -71,6 +71,7 @@ class TextEncoder(nn.Module):
         self.bert = build_bert(cfg, vocab_size=len(tokenizer), pad_token_id=int(tokenizer.pad_token_id))
         self.hidden_size = int(self.bert.config.hidden_size)
         self.max_length = min(cfg.max_length, int(self.bert.config.max_position_embeddings))
+        self.pooling = cfg.pooling
         tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
         special = set(tokenizer.all_special_ids)
         # Per vocabulary id: 1 = continues the previous word ("##..."), 0 = starts a word, -1 = special token.
@@ -107,7 +108,12 @@ class TextEncoder(nn.Module):
         words, word_mask = merge_word_pieces(tokens, word_ids)
         piece_weights, _ = merge_word_pieces(cls_attention.unsqueeze(-1), word_ids)
         weights = clipped_importance(piece_weights.squeeze(-1), word_mask)
-        return TextFeatures(pooled=tokens[:, 0], tokens=tokens, words=words, word_mask=word_mask, word_weights=weights)
+        if self.pooling == "mean":
+            mask = attention_mask.unsqueeze(-1).to(tokens.dtype)
+            pooled = (tokens * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+        else:
+            pooled = tokens[:, 0]
+        return TextFeatures(pooled=pooled, tokens=tokens, words=words, word_mask=word_mask, word_weights=weights)
 
 
 def merge_word_pieces(tokens: torch.Tensor, word_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

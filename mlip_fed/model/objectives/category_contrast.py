@@ -5,6 +5,10 @@ text embedding of its knowledge-base description, so every site starts from the 
 same seed and weights) + K_f free prototypes (MGCA's SwAV-style layer). Codes are batch-local
 Sinkhorn-Knopp assignments mixed with the report's expert labels; each modality predicts the
 other's codes (swapped prediction).
+
+Groups (DP buckets): with ``group_ids`` the Sinkhorn codes are computed within each group only
+(the equipartition couples every row of the batch otherwise); the loss is still the mean over rows,
+so ``loss(batch) = sum_g (n_g / B) * loss(group g alone)``.
 """
 
 from __future__ import annotations
@@ -103,12 +107,28 @@ class CategoryContrast(nn.Module):
             parts.append(self.free(x))
         return torch.cat(parts, dim=1)
 
-    def forward(self, image: torch.Tensor, text: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def _codes(self, scores: torch.Tensor, group_ids: torch.Tensor | None) -> torch.Tensor:
+        if group_ids is None:
+            return sinkhorn(scores, self.epsilon, self.iterations)
+        if group_ids.shape != scores.shape[:1]:
+            raise ValueError(
+                f"category contrast: group_ids must have shape [{scores.shape[0]}], got {tuple(group_ids.shape)}"
+            )
+        codes = torch.empty_like(scores)
+        group_ids = group_ids.to(scores.device)
+        for g in torch.unique(group_ids):
+            rows = (group_ids == g).nonzero(as_tuple=True)[0]
+            codes[rows] = sinkhorn(scores[rows], self.epsilon, self.iterations)
+        return codes
+
+    def forward(
+        self, image: torch.Tensor, text: torch.Tensor, labels: torch.Tensor, group_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """``image``/``text`` [B, d] L2-normalised global embeddings; ``labels`` [B, K_c] CheXpert coding."""
         self.normalize_prototypes_()
         z_v, z_t = self.scores(image), self.scores(text)
-        q_v = sinkhorn(z_v.detach(), self.epsilon, self.iterations)
-        q_t = sinkhorn(z_t.detach(), self.epsilon, self.iterations)
+        q_v = self._codes(z_v.detach(), group_ids)
+        q_t = self._codes(z_t.detach(), group_ids)
         if self.label_mix > 0:
             y, has_label = label_targets(labels.to(image.device), self.num_prototypes)
             y = y.to(q_v.dtype)

@@ -93,6 +93,34 @@ def sample_negatives(
     return neg_text.to(similarity.device), neg_image.to(similarity.device)
 
 
+@torch.no_grad()
+def sample_group_negatives(
+    similarity: torch.Tensor, group_ids: torch.Tensor, generator: torch.Generator | None = None, hard: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Like ``sample_negatives`` but within ``group_ids`` only. Returns (neg_text, neg_image, has_negative [N]).
+
+    Each row draws from its own row of weights, so one group's draw never depends on another group's data.
+    """
+    n = similarity.shape[0]
+    if group_ids.shape != (n,):
+        raise ValueError(f"ITM negatives: group_ids must have shape [{n}], got {tuple(group_ids.shape)}")
+    groups = group_ids.detach().cpu()
+    candidates = (groups.unsqueeze(0) == groups.unsqueeze(1)) & ~torch.eye(n, dtype=torch.bool)
+    has_negative = candidates.any(dim=1)
+    sim = similarity.detach().float().cpu()
+    if not hard:
+        sim = torch.zeros_like(sim)
+    eye = torch.eye(n, dtype=torch.bool)
+    # A row without candidates gets itself (probability 1) so multinomial stays valid; its rows are weighted 0.
+    allowed = candidates | (eye & ~has_negative.unsqueeze(1))
+    weights_i2t = torch.softmax(sim.masked_fill(~allowed, float("-inf")), dim=1)
+    weights_t2i = torch.softmax(sim.t().masked_fill(~allowed, float("-inf")), dim=1)
+    neg_text = torch.multinomial(weights_i2t, 1, generator=generator).squeeze(1)
+    neg_image = torch.multinomial(weights_t2i, 1, generator=generator).squeeze(1)
+    dev = similarity.device
+    return neg_text.to(dev), neg_image.to(dev), has_negative.to(dev)
+
+
 def itm_loss(
     head: FusionHead,
     text_tokens: torch.Tensor,
@@ -100,8 +128,13 @@ def itm_loss(
     patches: torch.Tensor,
     neg_text: torch.Tensor | None,
     neg_image: torch.Tensor | None,
+    has_negative: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """CE over N positive pairs + N (image, hard text) + N (hard image, text) pairs; negatives may be None (N=1)."""
+    """CE over N positive pairs + N (image, hard text) + N (hard image, text) pairs; negatives may be None (N=1).
+
+    With ``has_negative`` [N] (group mode) the loss is the mean over samples of each sample's mean CE over its
+    available rows: samples without a negative contribute their positive row only.
+    """
     tokens = [text_tokens]
     masks = [text_mask]
     images = [patches]
@@ -112,4 +145,12 @@ def itm_loss(
         images += [patches, patches[neg_image]]
         labels += [torch.zeros_like(labels[0]), torch.zeros_like(labels[0])]
     logits = head(torch.cat(tokens), torch.cat(masks), torch.cat(images))
-    return F.cross_entropy(logits, torch.cat(labels))
+    if has_negative is None:
+        return F.cross_entropy(logits, torch.cat(labels))
+    if neg_text is None:
+        raise ValueError("itm_loss: has_negative given without negatives")
+    n = text_tokens.shape[0]
+    per_row = F.cross_entropy(logits, torch.cat(labels), reduction="none").view(3, n)
+    valid = has_negative.to(per_row.dtype)
+    per_sample = (per_row[0] + valid * (per_row[1] + per_row[2])) / (1 + 2 * valid)
+    return per_sample.mean()

@@ -61,10 +61,14 @@ def local_alignment_loss(
     entity_mask: torch.Tensor | None = None,
     entity_words: torch.Tensor | None = None,
     knowledge_patch_weight: float = 1.0,
+    group_ids: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Returns the parts ``word`` (word->patch), ``patch`` (patch->word, if bidirectional), ``knowledge_patch``.
 
     All embeddings L2-normalised. ``word_weights`` and ``patch_weights`` sum to 1 over valid items per sample.
+    Every term is per-sample; only the knowledge-patch reduction (mean over samples that have entities) couples
+    the batch. With ``group_ids`` (DP buckets) it becomes a sum over those samples divided by B, so the batch
+    loss is ``sum_g (n_g / B) * loss(group g alone)`` like every other objective.
     """
     if knowledge is not None:
         if entity_mask is None or entity_words is None:
@@ -89,7 +93,8 @@ def local_alignment_loss(
         uniform = entity_mask.to(k.dtype) / n_entities.clamp(min=1).unsqueeze(1).to(k.dtype)
         per_sample = weighted_self_contrast(k, k_hat, entity_mask, uniform, temperature)
         has = (n_entities > 0).to(per_sample.dtype)
-        parts["knowledge_patch"] = knowledge_patch_weight * (per_sample * has).sum() / has.sum().clamp(min=1)
+        denominator = has.sum().clamp(min=1) if group_ids is None else has.new_tensor(float(has.shape[0]))
+        parts["knowledge_patch"] = knowledge_patch_weight * (per_sample * has).sum() / denominator
     return parts
 
 

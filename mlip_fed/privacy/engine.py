@@ -1,0 +1,324 @@
+"""Bucketed-clipping DP-SGD gradient for MLIP, on Opacus' per-sample gradient machinery.
+
+Why not ``make_private``: Opacus clips each record's *path gradient*, but with in-batch negatives
+every record's gradient depends on the others, so one patient can move the clipped sum by
+(2B-1)C and the reported epsilon is invalid (reference/privacy.md §2). Here the model runs with
+``batch["group_ids"]`` = patient-hash bucket, so each bucket's loss depends only on its members.
+Opacus hooks give per-row gradients ``p.grad_sample``; summing the rows of a bucket gives exactly
+that bucket's gradient (row r of a layer belongs to sample r mod B: the ITM fusion sees 3B rows).
+Each bucket's flat gradient (all trainable parameters) is clipped to C, the clipped buckets are
+summed, N(0, sigma^2 C^2) is added and the result is divided by the number of buckets M (a public
+constant, so the normalisation depends on no record). Adding or removing one patient changes one
+bucket's clipped vector: sensitivity 2C, accounted as a Poisson-subsampled Gaussian with noise
+multiplier sigma/2 at the patient (or record) sampling rate q.
+
+Parameters: every trainable parameter gets a per-sample gradient from Opacus (registered samplers
+for Linear/Conv/LayerNorm/GroupNorm/Embedding, functorch fallback for modules that own raw
+parameters such as the ViT position embeddings), so nothing is frozen by the engine; the EMA
+divergence encoder and frozen knowledge prototypes have no gradients. An unsupported parameter is
+an error, never silently skipped.
+
+Noise comes from a seeded ``torch.Generator`` (reproducible runs); ``secure_mode`` is therefore
+false and the audit says so.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from opacus import GradSampleModule
+from torch import nn
+
+from mlip_fed.privacy.buckets import bucket_ids
+
+Mode = Literal["bucketed", "decomposable"]
+SENSITIVITY_FACTOR: dict[str, float] = {"bucketed": 2.0, "decomposable": 1.0}
+"""Add/remove sensitivity in units of C; the accountant sees noise multiplier sigma / factor."""
+
+
+def effective_noise_multiplier(mode: str, noise_multiplier: float) -> float:
+    if mode not in SENSITIVITY_FACTOR:
+        raise ValueError(f"unknown DP mechanism {mode!r}; expected one of {sorted(SENSITIVITY_FACTOR)}")
+    return noise_multiplier / SENSITIVITY_FACTOR[mode]
+
+
+def _seed(*parts: object) -> int:
+    digest = hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % (2**63)
+
+
+def empty_batch() -> dict[str, Any]:
+    """What a Poisson step that sampled nobody yields: the trainer still calls the gradient fn (noise step)."""
+    return {"image": torch.zeros(0), "patient_id": [], "group_ids": torch.zeros(0, dtype=torch.long)}
+
+
+class PoissonLoader:
+    """Poisson sampling of privacy units (patients or records) at rate q, ``int(1/q)`` steps per epoch.
+
+    Each step includes every unit independently with probability q and yields all records of the included
+    units (an empty step yields ``empty_batch()``; it must still take a noise step). Draws are seeded by
+    (seed, epoch, step), so a resumed epoch replays the same batches. ``batch["group_ids"]`` holds each
+    record's patient bucket.
+    """
+
+    def __init__(
+        self,
+        dataset: Any,
+        collate_fn: Callable[[list[Any]], dict[str, Any]],
+        patient_ids: Sequence[str],
+        sample_rate: float,
+        *,
+        num_buckets: int,
+        unit: Literal["patient", "record"] = "patient",
+        steps_per_epoch: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        if not 0.0 < sample_rate <= 1.0:
+            raise ValueError(f"PoissonLoader: sample_rate must be in (0, 1], got {sample_rate}")
+        if len(patient_ids) != len(dataset):
+            raise ValueError(f"PoissonLoader: {len(patient_ids)} patient ids for a dataset of {len(dataset)} records")
+        self.dataset = dataset
+        self.collate_fn = collate_fn
+        self.sample_rate = sample_rate
+        self.num_buckets = num_buckets
+        self.unit = unit
+        self.seed = seed
+        self.epoch = 0
+        self.steps_per_epoch = steps_per_epoch or max(1, int(1 / sample_rate))
+        keys = [str(p) for p in patient_ids] if unit == "patient" else [str(i) for i in range(len(patient_ids))]
+        units: dict[str, list[int]] = {}
+        for index, key in enumerate(keys):
+            units.setdefault(key, []).append(index)
+        self._unit_records = list(units.values())
+        self._patient_ids = [str(p) for p in patient_ids]
+
+    @property
+    def num_units(self) -> int:
+        return len(self._unit_records)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch
+
+    def sample_indices(self, epoch: int, step: int) -> list[int]:
+        generator = torch.Generator().manual_seed(_seed("poisson", self.seed, epoch, step))
+        chosen = (torch.rand(self.num_units, generator=generator) < self.sample_rate).nonzero(as_tuple=True)[0]
+        return [i for u in chosen.tolist() for i in self._unit_records[u]]
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for step in range(self.steps_per_epoch):
+            items = [self.dataset[i] for i in self.sample_indices(self.epoch, step)]
+            items = [it for it in items if it is not None]  # undecodable images: dropped, the step still happens
+            if not items:
+                yield empty_batch()
+                continue
+            batch = self.collate_fn(items)
+            batch["group_ids"] = bucket_ids(batch["patient_id"], self.num_buckets)
+            yield batch
+
+
+@dataclass
+class StepStats:
+    batch_size: int
+    num_buckets_nonempty: int
+    clipped_fraction: float
+    mean_bucket_norm: float
+
+
+class BucketedClippingGradient:
+    """``GradientFn`` (see ``mlip_fed.train.trainer``) doing bucketed (or per-record) clipping plus Gaussian noise.
+
+    ``mode="bucketed"``: groups = ``batch["group_ids"]`` (patient buckets; recomputed from ``patient_id`` if absent);
+    the model's loss must be group-masked (MLIPModel does it when it sees ``group_ids``). Sensitivity 2C.
+    ``mode="decomposable"``: every record is its own group and the loss is ``loss_fn`` (default:
+    ``PublicNegativesLoss``), whose record-k term depends on record k and public data only. Sensitivity C.
+
+    Call ``close()`` to remove the Opacus hooks. ``steps`` counts noise steps (empty batches included): that is
+    what the ledger must be charged with.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        noise_multiplier: float,
+        clipping_norm: float,
+        num_buckets: int,
+        mode: Mode = "bucketed",
+        seed: int = 0,
+        loss_fn: Callable[[nn.Module, dict[str, Any]], tuple[torch.Tensor, dict[str, torch.Tensor]]] | None = None,
+    ) -> None:
+        if noise_multiplier < 0 or clipping_norm <= 0 or num_buckets < 1:
+            raise ValueError(
+                f"BucketedClippingGradient: need noise_multiplier >= 0 (got {noise_multiplier}), clipping_norm > 0 "
+                f"(got {clipping_norm}), num_buckets >= 1 (got {num_buckets})"
+            )
+        if mode not in SENSITIVITY_FACTOR:
+            raise ValueError(f"BucketedClippingGradient: unknown mode {mode!r}")
+        if mode == "decomposable" and loss_fn is None:
+            loss_fn = PublicNegativesLoss(model)
+        self.model = model
+        self.noise_multiplier = noise_multiplier
+        self.clipping_norm = clipping_norm
+        self.num_buckets = num_buckets
+        self.mode = mode
+        self.loss_fn = loss_fn
+        self.generator = torch.Generator().manual_seed(_seed("noise", seed))
+        self.steps = 0
+        self.last_stats: StepStats | None = None
+        self._params = [p for p in model.parameters() if p.requires_grad]
+        self._names = {id(p): n for n, p in model.named_parameters()}
+        self._gsm = GradSampleModule(model, batch_first=True, loss_reduction="sum", strict=True)
+
+    @property
+    def effective_noise_multiplier(self) -> float:
+        return effective_noise_multiplier(self.mode, self.noise_multiplier)
+
+    def close(self) -> None:
+        self._gsm._close()
+
+    # ------------------------------------------------------------------ gradient
+    def __call__(self, model: nn.Module, batch: dict[str, Any], loss_scale: float) -> dict[str, float]:
+        if model is not self.model:
+            raise ValueError(
+                "BucketedClippingGradient was built for another model object (its hooks are not on this one)"
+            )
+        previous = [p.grad for p in self._params]  # earlier micro-batches' private gradients (already noised)
+        for p in self._params:
+            p.grad = None
+        summed, parts = self.clipped_sum(batch)
+        scale = loss_scale / self.num_buckets
+        std = self.noise_multiplier * self.clipping_norm
+        for p, s, prev in zip(self._params, summed, previous, strict=True):
+            noise = torch.normal(0.0, std, size=p.shape, generator=self.generator).to(p.device, p.dtype)
+            private = (s.to(p.dtype) + noise) * scale
+            p.grad = private if prev is None else prev + private
+        self.steps += 1
+        return parts
+
+    def clipped_sum(self, batch: dict[str, Any]) -> tuple[list[torch.Tensor], dict[str, float]]:
+        """Noiseless Σ_buckets clip(G_bucket, C) per trainable parameter, and the loss parts (floats).
+
+        Exposed for the sensitivity tests; the training step adds noise on top.
+        """
+        image = batch.get("image")
+        n = int(image.shape[0]) if isinstance(image, torch.Tensor) else 0
+        if n == 0:
+            self.last_stats = StepStats(0, 0, 0.0, 0.0)
+            return [torch.zeros_like(p) for p in self._params], {"total": 0.0}
+        groups = self._groups(batch, n)
+        uniq, row_group = torch.unique(groups, return_inverse=True)
+        num_groups = int(uniq.numel())
+        if self.mode == "decomposable":
+            assert self.loss_fn is not None
+            total, parts_t = self.loss_fn(self.model, batch)
+        else:
+            output = self.model({**batch, "group_ids": groups})
+            total, parts_t = output.total, output.parts
+        # total is a mean over the n samples of per-sample terms; n*total is a sum of per-group terms.
+        (total * n).backward()
+        per_bucket = self._bucket_gradients(row_group.cpu(), n, num_groups)
+        sq = torch.zeros(num_groups, dtype=torch.float64)
+        for g in per_bucket:
+            if g is not None:
+                sq += g.detach().flatten(1).double().pow(2).sum(dim=1).cpu()
+        norms = sq.sqrt()
+        factor = (self.clipping_norm / (norms + 1e-6)).clamp(max=1.0)
+        summed = []
+        for p, g in zip(self._params, per_bucket, strict=True):
+            if g is None:
+                summed.append(torch.zeros_like(p))
+            else:
+                f = factor.to(g.device, g.dtype).view(-1, *([1] * (g.dim() - 1)))
+                summed.append((g * f).sum(dim=0))
+            p.grad = None
+        self.last_stats = StepStats(
+            n, num_groups, float((norms > self.clipping_norm).float().mean()), float(norms.mean())
+        )
+        parts = {name: float(value.detach()) for name, value in parts_t.items()}
+        parts["total"] = float(total.detach())
+        return summed, parts
+
+    def _groups(self, batch: dict[str, Any], n: int) -> torch.Tensor:
+        if self.mode == "decomposable":
+            return torch.arange(n)
+        groups = batch.get("group_ids")
+        if groups is None:
+            if "patient_id" not in batch:
+                raise KeyError("bucketed clipping needs batch['group_ids'] or batch['patient_id'] (use PoissonLoader)")
+            groups = bucket_ids(batch["patient_id"], self.num_buckets)
+        groups = torch.as_tensor(groups, dtype=torch.long)
+        if groups.shape != (n,):
+            raise ValueError(f"batch['group_ids'] has shape {tuple(groups.shape)}, expected [{n}]")
+        return groups
+
+    def _bucket_gradients(self, row_group: torch.Tensor, n: int, num_groups: int) -> list[torch.Tensor | None]:
+        out: list[torch.Tensor | None] = []
+        for p in self._params:
+            gs = getattr(p, "grad_sample", None)
+            name = self._names.get(id(p), "?")
+            if gs is None:
+                if p.grad is not None and bool(p.grad.abs().sum() > 0):
+                    raise RuntimeError(f"DP: parameter {name!r} has a gradient but Opacus computed no grad_sample")
+                out.append(None)
+                continue
+            if isinstance(gs, list):
+                raise RuntimeError(f"DP: parameter {name!r} accumulated several grad_samples (stale hooks?)")
+            rows = gs.shape[0]
+            if rows % n:
+                raise RuntimeError(f"DP: parameter {name!r} has {rows} per-sample rows, not a multiple of batch {n}")
+            index = row_group.repeat(rows // n).to(gs.device)
+            bucket = torch.zeros((num_groups, *gs.shape[1:]), dtype=gs.dtype, device=gs.device)
+            bucket.index_add_(0, index, gs)
+            out.append(bucket)
+            p.grad_sample = None
+        return out
+
+
+class PublicNegativesLoss:
+    """Decomposable global contrast: record k's InfoNCE uses its own pair and negatives from a public bank.
+
+    The negatives are embeddings of public text (by default the knowledge base's category descriptions and
+    concept definitions) computed under ``no_grad`` by the current text tower, so record k's loss term depends
+    on record k only and per-record clipping bounds its influence by C (reference/privacy.md §4, pattern B).
+    Only image->text and text->public-text directions are used (there are no public images).
+    """
+
+    def __init__(self, model: nn.Module, public_texts: Sequence[str] | None = None, temperature: float = 0.07) -> None:
+        if public_texts is None:
+            kb = getattr(model, "kb", None)
+            if kb is None:
+                raise ValueError("PublicNegativesLoss: give public_texts (the model has no knowledge base)")
+            public_texts = [c.knowledge_text for c in kb.concepts]
+        if not public_texts:
+            raise ValueError("PublicNegativesLoss: the public negative bank is empty")
+        self.public_texts = list(public_texts)
+        self.temperature = temperature
+
+    @torch.no_grad()
+    def _bank(self, model: Any) -> torch.Tensor:
+        pooled = model._encode_texts(self.public_texts)
+        was = model.text_global_head.training
+        model.text_global_head.eval()
+        try:
+            bank = model.text_global_head(pooled.to(next(model.text_global_head.parameters())))
+        finally:
+            model.text_global_head.train(was)
+        return bank.detach()
+
+    def __call__(self, model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        bank = self._bank(model)
+        image = model.encode_image(batch["image"]).embedding
+        text = model.encode_text(batch["input_ids"], batch["attention_mask"]).embedding
+        positive = (image * text).sum(dim=1, keepdim=True) / self.temperature  # [B, 1]
+        negatives = image @ bank.t() / self.temperature  # [B, P]
+        logits = torch.cat([positive, negatives], dim=1)
+        loss = F.cross_entropy(logits, torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device))
+        return loss, {"public_itc": loss}

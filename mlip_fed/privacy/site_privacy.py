@@ -1,0 +1,239 @@
+"""The façade a site's round calls: check the policy, train privately, charge the ledger, release the bank.
+
+Usage from the federation (one object per site process; the ledger file outlives it):
+
+    sp = SitePrivacy(policy, ledger_path, num_records=N, run_id=run_id, site="hospital-a")
+    refusal = sp.plan_round(rnd, steps=T, sample_rate=q)      # before any training
+    if refusal: reply with str(refusal)
+    loader = sp.poisson_loader(dataset, collator, patient_ids, q)
+    grad = sp.gradient_fn(model)                              # LocalTrainer(..., gradient_fn=grad)
+    ... trainer.fit(loader, epochs) ...
+    sp.record_training(rnd, steps=grad.steps, sample_rate=q)  # before the reply leaves the site
+    release = sp.release_bank(model.prototype_bank, rnd)      # noisy sums/counts, charged
+    grad.close()
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mlip_fed.config import PrivacyPolicy
+from mlip_fed.privacy.accountant import AccountedStep, EpsilonReport, calibrate_noise_multiplier, compute_epsilon
+from mlip_fed.privacy.engine import (
+    SENSITIVITY_FACTOR,
+    BucketedClippingGradient,
+    PoissonLoader,
+    _seed,
+    effective_noise_multiplier,
+)
+from mlip_fed.privacy.ledger import LedgerEvent, PrivacyLedger
+from mlip_fed.privacy.policy import Refusal, check_round
+from mlip_fed.privacy.release import PrototypeRelease, release_effective_noise, release_prototypes
+
+
+class PrivacyRefused(RuntimeError):
+    def __init__(self, refusal: Refusal) -> None:
+        super().__init__(str(refusal))
+        self.refusal = refusal
+
+
+class SitePrivacy:
+    def __init__(
+        self,
+        policy: PrivacyPolicy,
+        ledger_path: str | Path,
+        num_records: int,
+        run_id: str,
+        *,
+        site: str = "site",
+        seed: int = 0,
+    ) -> None:
+        self.policy = policy
+        self.num_records = num_records
+        self.run_id = run_id
+        self.seed = seed
+        self.ledger = PrivacyLedger(ledger_path)
+        self.noise_multiplier = policy.noise_multiplier
+        self._release_generator = torch.Generator().manual_seed(_seed("release", seed, run_id))
+        self.ledger.set_meta("site", site)
+        self.ledger.set_meta("num_records", num_records)
+        self.ledger.set_meta("policy", policy.model_dump(mode="json"))
+        self.ledger.set_meta("secure_mode", False)
+
+    @property
+    def enabled(self) -> bool:
+        return self.policy.mechanism != "none"
+
+    # ------------------------------------------------------------------ planning
+    def calibrate(self, total_steps: int, sample_rate: float, releases: int = 0) -> float:
+        """Set sigma once for the whole schedule (all rounds' steps and ``releases`` prototype releases)."""
+        self._require_dp()
+        assert self.policy.epsilon_budget is not None
+        prior = list(self.ledger.accounted_steps())
+        if releases and self.policy.release_prototypes:
+            prior += [self._release_step()] * releases
+        sigma = calibrate_noise_multiplier(
+            self.policy.epsilon_budget,
+            self.policy.delta,
+            sample_rate,
+            total_steps,
+            sensitivity_factor=SENSITIVITY_FACTOR[self.policy.mechanism],
+            prior=prior,
+        )
+        self.noise_multiplier = max(sigma, self.policy.min_noise_multiplier)
+        return self.noise_multiplier
+
+    def _training_event(self, rnd: int, steps: int, sample_rate: float) -> LedgerEvent:
+        sigma = self._sigma()
+        mech = self.policy.mechanism
+        return LedgerEvent(
+            run_id=self.run_id,
+            round=rnd,
+            kind="train",
+            mechanism=mech,
+            noise_multiplier=sigma,
+            effective_noise_multiplier=effective_noise_multiplier(mech, sigma),
+            sample_rate=sample_rate,
+            steps=steps,
+            details={
+                "clipping": "bucketed" if mech == "bucketed" else "per_record",
+                "loss": "group_masked" if mech == "bucketed" else "decomposable",
+                "num_buckets": self.policy.num_buckets,
+                "clipping_norm": self.policy.clipping_norm,
+                "unit": self.policy.privacy_unit,
+                "poisson_sampling": True,
+                "secure_mode": False,
+            },
+        )
+
+    def _release_step(self) -> AccountedStep:
+        z = release_effective_noise(self.policy.prototype_noise_multiplier, self.policy.prototype_contribution_bound)
+        return AccountedStep(z, 1.0, 1)
+
+    def plan_round(self, rnd: int, steps: int, sample_rate: float) -> Refusal | None:
+        """What this round (training + the prototype release, if the policy releases) would cost; None if allowed."""
+        if not self.enabled:
+            return None
+        planned = [self._training_event(rnd, steps, sample_rate).step()] if self.noise_multiplier else []
+        if self.policy.release_prototypes:
+            planned.append(self._release_step())
+        return check_round(
+            self.policy,
+            self.ledger.accounted_steps(),
+            planned,
+            num_records=self.num_records,
+            noise_multiplier=self.noise_multiplier,
+        )
+
+    # ------------------------------------------------------------------ training
+    def gradient_fn(self, model: nn.Module) -> BucketedClippingGradient:
+        self._require_dp()
+        return BucketedClippingGradient(
+            model,
+            noise_multiplier=self._sigma(),
+            clipping_norm=self.policy.clipping_norm,
+            num_buckets=self.policy.num_buckets,
+            mode=self.policy.mechanism,  # type: ignore[arg-type]
+            seed=_seed(self.seed, self.run_id),
+        )
+
+    def poisson_loader(
+        self, dataset: Any, collate_fn: Any, patient_ids: list[str], sample_rate: float, **kwargs: Any
+    ) -> PoissonLoader:
+        return PoissonLoader(
+            dataset,
+            collate_fn,
+            patient_ids,
+            sample_rate,
+            num_buckets=self.policy.num_buckets,
+            unit=self.policy.privacy_unit,
+            seed=self.seed,
+            **kwargs,
+        )
+
+    def record_training(self, rnd: int, steps: int, sample_rate: float) -> bool:
+        """Charge the round's noise steps (idempotent per (run_id, round)); refuses past the budget."""
+        self._require_dp()
+        return self._charge(self._training_event(rnd, steps, sample_rate))
+
+    def _charge(self, event: LedgerEvent) -> bool:
+        assert self.policy.epsilon_budget is not None
+        with self.ledger.transaction() as cur:
+            steps = self.ledger.accounted_steps(cur)
+            already = any(
+                e.run_id == event.run_id and e.round == event.round and e.kind == event.kind
+                for e in self.ledger.events(cur)
+            )
+            if not already:
+                after = compute_epsilon(
+                    [*steps, event.step()], self.policy.delta, skip_prv_above=self.policy.epsilon_budget
+                ).epsilon
+                if after > self.policy.epsilon_budget:
+                    raise PrivacyRefused(
+                        Refusal(
+                            "budget",
+                            f"recording {event.kind} of round {event.round} would reach epsilon "
+                            f"{after:.3f} > budget {self.policy.epsilon_budget:g}",
+                            epsilon_after=after,
+                        )
+                    )
+            return self.ledger.record(event, cur)
+
+    # ------------------------------------------------------------------ releases
+    def release_bank(self, bank: Any, rnd: int, observed_contributions: int | None = None) -> PrototypeRelease:
+        """Noisy (sums, counts) of the bank's accumulation window, charged to the ledger before they are returned."""
+        self._require_dp()
+        if not self.policy.release_prototypes:
+            raise PrivacyRefused(Refusal("mechanism", "privacy.release_prototypes=false: the bank is not released"))
+        bound = self.policy.prototype_contribution_bound
+        if observed_contributions is not None and observed_contributions > bound:
+            raise ValueError(
+                f"a privacy unit contributes {observed_contributions} (record, category) pairs to the bank, above "
+                f"privacy.prototype_contribution_bound={bound}; raise the bound (more noise per unit) or cap records"
+            )
+        release = release_prototypes(
+            bank.sum_image,
+            bank.sum_text,
+            bank.count,
+            noise_multiplier=self.policy.prototype_noise_multiplier,
+            contribution_bound=bound,
+            threshold=self.policy.prototype_count_threshold,
+            generator=self._release_generator,
+        )
+        self._charge(
+            LedgerEvent(
+                run_id=self.run_id,
+                round=rnd,
+                kind="prototype_release",
+                mechanism="gaussian",
+                noise_multiplier=release.noise_multiplier,
+                effective_noise_multiplier=release.effective_noise_multiplier,
+                sample_rate=1.0,
+                steps=1,
+                details={"contribution_bound": bound, "threshold": self.policy.prototype_count_threshold},
+            )
+        )
+        return release
+
+    def record_unaccounted(self, rnd: int, what: str) -> None:
+        """Log a release that left without DP (e.g. a training-loss metric); the audit flags it."""
+        self.ledger.record(LedgerEvent(self.run_id, rnd, f"unaccounted:{what}", "unaccounted", 0.0, 0.0, 1.0, 0, False))
+
+    def epsilon(self) -> EpsilonReport:
+        return compute_epsilon(self.ledger.accounted_steps(), self.policy.delta)
+
+    def close(self) -> None:
+        self.ledger.close()
+
+    def _sigma(self) -> float:
+        if self.noise_multiplier is None:
+            raise ValueError("privacy.noise_multiplier is unset: set it in the site policy or call calibrate() first")
+        return self.noise_multiplier
+
+    def _require_dp(self) -> None:
+        if not self.enabled:
+            raise ValueError("privacy.mechanism='none': this site trains without DP")
