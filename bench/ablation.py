@@ -147,13 +147,14 @@ def write_markdown(
     _replace_block(args.out, "ablation", block, title="# Results on SynthCXR\n")
 
 
-def _replace_block(path: Path, name: str, block: str, title: str) -> None:
+def _replace_block(path: Path, name: str, block: str, title: str, heading: str = "## Ablation") -> None:
+    """Replace this benchmark's marked block in a doc (other benchmarks' blocks stay as they are)."""
     begin, end = f"<!-- bench:{name}:begin -->", f"<!-- bench:{name}:end -->"
     text = path.read_text() if path.exists() else title
     if begin in text and end in text:
         text = text[: text.index(begin)] + block + text[text.index(end) + len(end) :]
     else:
-        text = text.rstrip() + "\n\n## Ablation\n\n" + block + "\n"
+        text = text.rstrip() + f"\n\n{heading}\n\n" + block + "\n"
     from mlip_fed.io import atomic_write_text
 
     atomic_write_text(path, text)

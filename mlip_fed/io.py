@@ -14,8 +14,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
-import torch
-
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     return _atomic_write(Path(path), lambda fh: fh.write(data))
@@ -30,6 +28,8 @@ def atomic_write_json(path: str | Path, obj: Any) -> Path:
 
 
 def atomic_torch_save(path: str | Path, obj: Any) -> Path:
+    import torch  # imported here: data-only tools (mlip-data) use this module without paying for torch
+
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     return atomic_write_bytes(path, buffer.getvalue())

@@ -161,8 +161,10 @@ def test_ablation_config_freezes_unused_heads(batch: dict) -> None:
     assert set(out.parts) == {"global_itc", "category_contrast"}
     out.total.backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
-    with pytest.raises(ValueError, match="text_swap"):
-        ModelConfig.model_validate({"objectives": {"itm": {"enabled": False}}})
+    with pytest.raises(ValueError, match="every objective is disabled"):
+        ModelConfig.model_validate(
+            {"objectives": {name: {"enabled": False} for name in type(cfg.objectives).model_fields}}
+        )
 
 
 def test_prototype_bank_sync(vit_model: MLIPModel) -> None:
@@ -187,3 +189,26 @@ def test_collator_swaps_are_seeded(vit_model: MLIPModel) -> None:
     col.set_epoch(1)
     random.seed(0)
     assert torch.equal(col(_items(8))["input_ids"], a["input_ids"])
+
+
+def test_text_swap_without_itm_contrasts_the_counterfactual(batch: dict) -> None:
+    """ITM off: swaps are per-sample hard negatives on the global embedding, softplus((v·t_swap − v·t)/τ)."""
+    cfg = ModelConfig.model_validate({"objectives": {"itm": {"enabled": False}}})
+    model = MLIPModel(cfg)
+    assert model.fusion is None
+    model.eval()  # no dropout: the loss is then a function of the embeddings alone
+    out = model(batch)
+    assert set(out.parts) == {"global_itc", "local_alignment", "category_contrast", "text_swap"}
+    with torch.no_grad():
+        v = model.encode_image(batch["image"]).embedding
+        t = model.encode_text(batch["input_ids"], batch["attention_mask"]).embedding
+        s = model.encode_text(batch["swap_input_ids"], batch["swap_attention_mask"]).embedding
+    valid = batch["swap_valid"].bool()
+    tau = cfg.objectives.global_itc.temperature
+    expected = torch.nn.functional.softplus(((v * s).sum(-1) - (v * t).sum(-1)) / tau)[valid].mean()
+    assert float(out.parts["text_swap"]) == pytest.approx(float(expected), rel=1e-5)
+    model.train()
+    model.zero_grad(set_to_none=True)
+    model(batch).parts["text_swap"].backward()
+    assert model.text_global_head.net[0].weight.grad is not None
+    assert model.image_global_head.net[0].weight.grad is not None

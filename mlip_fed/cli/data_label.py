@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import math
-import os
-import tempfile
 from pathlib import Path
 
+from mlip_fed.io import atomic_write_text
 from mlip_fed.knowledge.kb import CHEXPERT_CATEGORIES
 
 #: Cells that mean "no text" in exported report tables (IU X-Ray writes "None").
@@ -63,20 +63,12 @@ def read_report_texts(path: Path, columns: list[str]) -> list[str]:
 
 def write_labels(path: Path, texts: list[str], labels: list[tuple[float, ...]]) -> None:
     """Write atomically (temp file, fsync, rename) so a crash never leaves half a label file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["Reports", *CHEXPERT_CATEGORIES])
-            for text, row in zip(texts, labels, strict=True):
-                writer.writerow([text, *(_cell(v) for v in row)])
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    buffer = io.StringIO(newline="")
+    writer = csv.writer(buffer)
+    writer.writerow(["Reports", *CHEXPERT_CATEGORIES])
+    for text, row in zip(texts, labels, strict=True):
+        writer.writerow([text, *(_cell(v) for v in row)])
+    atomic_write_text(path, buffer.getvalue())
 
 
 def _cell(value: float) -> str:

@@ -13,8 +13,6 @@ import csv
 import io
 import json
 import math
-import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -40,6 +38,7 @@ from mlip_fed.data.synthetic import (
     seeded_rng,
 )
 from mlip_fed.data.synthetic_reports import write_report
+from mlip_fed.io import atomic_write_text
 from mlip_fed.knowledge.kb import CHEXPERT_CATEGORIES, load_knowledge_base
 
 #: Column order of every SynthCXR manifest.
@@ -54,24 +53,6 @@ MANIFEST_COLUMNS: tuple[str, ...] = (
     "mask_path",
     *CHEXPERT_CATEGORIES,
 )
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Temp file, fsync, rename (DESIGN invariant 5). Not ``mlip_fed.io``: that imports torch, which
-    would triple the start-up time of ``mlip-data synth``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def format_label(value: float) -> str:

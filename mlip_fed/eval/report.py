@@ -10,8 +10,6 @@ never leaves a half-written result behind.
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,6 +22,7 @@ from mlip_fed.eval.linear_probe import LinearProbeResult, UncertaintyPolicy, bin
 from mlip_fed.eval.retrieval import RetrievalResult, retrieval_metrics
 from mlip_fed.eval.segmentation import SegmentationResult, run_segmentation
 from mlip_fed.eval.zero_shot import ZeroShotResult, run_zero_shot
+from mlip_fed.io import atomic_write_text
 from mlip_fed.knowledge.kb import load_knowledge_base
 
 
@@ -259,25 +258,9 @@ def evaluate_all(
     return evaluate_features(model, tokenizer, train, test, cfg)
 
 
-def _atomic_write_text(path: str | Path, text: str) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def write_json(result: EvalResult, path: str | Path) -> Path:
     """Standard JSON (undefined metrics as ``null``), written atomically."""
-    return _atomic_write_text(path, result.model_dump_json(indent=2) + "\n")
+    return atomic_write_text(path, result.model_dump_json(indent=2) + "\n")
 
 
 def load_result(path: str | Path) -> EvalResult:
@@ -342,4 +325,4 @@ def to_markdown(result: EvalResult, title: str = "Evaluation") -> str:
 
 def write_markdown(result: EvalResult, path: str | Path, title: str = "Evaluation") -> Path:
     """The markdown tables of ``to_markdown``, written atomically."""
-    return _atomic_write_text(path, to_markdown(result, title))
+    return atomic_write_text(path, to_markdown(result, title))

@@ -296,10 +296,35 @@ class MLIPModel(nn.Module):
             )
             if obj.text_swap.enabled:
                 parts["text_swap"] = self._text_swap(batch, image.patch_features, per_sample=group_ids is not None)
+        elif obj.text_swap.enabled:
+            parts["text_swap"] = self._text_swap_contrast(
+                batch, image.embedding, text.embedding, per_sample=group_ids is not None
+            )
 
         weights = {name: getattr(obj, name).weight for name in parts}
         total = sum(weights[name] * value for name, value in parts.items())
         return LossOutput(total=total, parts=parts)  # type: ignore[arg-type]
+
+    def _text_swap_contrast(
+        self, batch: dict[str, Any], image: torch.Tensor, text: torch.Tensor, per_sample: bool = False
+    ) -> torch.Tensor:
+        """Without the ITM head: each image must prefer its report over the report's counterfactual.
+
+        ``softplus((v·t_swap − v·t) / τ)`` per sample: the two-way contrast between the true report and
+        its edited twin (finding swapped, laterality or negation flipped). It involves one sample only,
+        so it needs no bucketing under DP.
+        """
+        for key in ("swap_input_ids", "swap_attention_mask", "swap_valid"):
+            if key not in batch:
+                raise KeyError(f"text_swap needs batch[{key!r}] (use MLIPCollator)")
+        valid = batch["swap_valid"].to(image.device).bool()
+        swap = self.encode_text(batch["swap_input_ids"], batch["swap_attention_mask"]).embedding
+        temperature = self.config.objectives.global_itc.temperature
+        per_row = F.softplus(((image * swap).sum(-1) - (image * text).sum(-1)) / temperature)
+        total = (per_row * valid.to(per_row.dtype)).sum()
+        if per_sample:
+            return total / per_row.shape[0]
+        return total / valid.sum().clamp(min=1)
 
     def _text_swap(self, batch: dict[str, Any], patches: torch.Tensor, per_sample: bool = False) -> torch.Tensor:
         assert self.fusion is not None
