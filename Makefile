@@ -35,8 +35,8 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not integration"
 
 lint: $(STAMP)
-	$(BIN)/ruff check .
-	$(BIN)/ruff format --check .
+	$(BIN)/ruff check mlip_fed server client tests bench
+	$(BIN)/ruff format --check mlip_fed server client tests bench
 
 clean:
 	rm -rf $(VENV) demo_out runs .pytest_cache .ruff_cache

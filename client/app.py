@@ -1,6 +1,8 @@
 """Flower ClientApp: decodes the server's request, calls the site runtime, encodes the reply; no ML here.
 
-Simulation: ``node_config["partition-id"]`` picks SynthCXR hospital ``site_<k>``. A site that fails
+Simulation: ``node_config["partition-id"]`` picks SynthCXR hospital ``site_<k>``. Deployment
+(``mlip-client --site-config``): ``node_config["site-config"]`` is the site YAML; the site's own data,
+device and privacy policy come from it, the model and schedule from the server's run config. A site that fails
 replies with an error naming its site id (the server logs it and leaves the site out of the round)
 instead of letting Flower report an anonymous exception.
 """
@@ -26,15 +28,15 @@ app = ClientApp()
 
 #: One runtime per (run, site) per worker process: data and model are built once, not every round.
 #: Everything that must survive the process is on the site's disk (``SiteRuntime.state_dir``).
-_RUNTIMES: dict[tuple[int, int], SiteRuntime] = {}
+_RUNTIMES: dict[tuple[int, int | str], SiteRuntime] = {}
 
 
 def site_index_from_node_config(node_config: dict[str, object], num_sites: int) -> int:
     """The simulated hospital this SuperNode plays; a clear error for a deployment node without one."""
     if "partition-id" not in node_config:
         raise ValueError(
-            f"node_config has no 'partition-id' (keys: {sorted(node_config)}); deployed sites are started with "
-            "mlip-client --site-config (next issue), not as simulated partitions"
+            f"node_config has neither 'partition-id' (simulation) nor 'site-config' (deployment); keys: "
+            f"{sorted(node_config)}. Start a hospital with mlip-client --site-config site.yaml"
         )
     index = int(node_config["partition-id"])  # type: ignore[call-overload]
     partitions = int(node_config.get("num-partitions", num_sites))  # type: ignore[call-overload]
@@ -46,7 +48,25 @@ def site_index_from_node_config(node_config: dict[str, object], num_sites: int) 
     return index
 
 
+def _deployed_runtime(context: Context, site_config: str) -> SiteRuntime:
+    """A hospital: its YAML says who it is, what it trains on and under which policy; the server says the model."""
+    from mlip_fed.deploy.site_config import load_site_config, site_experiment
+
+    site = load_site_config(site_config)
+    key = (int(context.run_id), site.site_id)
+    if key not in _RUNTIMES:
+        run = experiment_from_run_config(context.run_config)
+        cfg = site_experiment(site, run.cfg)
+        runtime = SiteRuntime(cfg, None, site.state_dir, log=lambda line: logger.info(line))
+        runtime.site_id = site.site_id  # SiteRuntime names pooled data "central"; a deployed site has its own id
+        _RUNTIMES[key] = runtime
+    return _RUNTIMES[key]
+
+
 def _runtime(context: Context) -> SiteRuntime:
+    site_config = context.node_config.get("site-config")
+    if site_config:
+        return _deployed_runtime(context, str(site_config))
     run = experiment_from_run_config(context.run_config)
     index = site_index_from_node_config(dict(context.node_config), run.cfg.data.synthetic.num_sites)
     key = (int(context.run_id), index)
@@ -59,6 +79,8 @@ def _runtime(context: Context) -> SiteRuntime:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     site_id = f"site_{context.node_config.get('partition-id', '?')}"
+    if "site-config" in context.node_config:
+        site_id = Path(str(context.node_config["site-config"])).stem
     try:
         runtime = _runtime(context)
         site_id = runtime.site_id

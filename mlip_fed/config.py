@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mlip_fed.eval.report import EvalConfig
 from mlip_fed.model.config import ModelConfig
@@ -182,3 +182,65 @@ def format_validation_error(err: ValidationError, origin: str) -> str:
         shown = repr(value) if not isinstance(value, dict) else "{...}"
         lines.append(f"  {field} = {shown}: {item['msg']}")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- a deployed site (issue 5)
+#: A site id travels in logs, file names and error messages: keep it to a safe, readable alphabet.
+SITE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+
+
+class SiteResources(_Strict):
+    """What the hospital lets one ClientApp use; every message runs in a fresh process, so this is per process."""
+
+    #: torch intra-op threads per ClientApp process (None: torch's default, usually every core).
+    num_threads: int | None = Field(default=None, ge=1, le=1024)
+
+
+class SiteConfig(_Strict):
+    """One hospital's ``site.yaml``: who it is, where the SuperLink is, its keys, its data and its own privacy.
+
+    The server names the experiment (model, objectives, schedule); the site alone decides what data it
+    trains on, on which device, and under which privacy policy (DESIGN.md, invariant 3). Paths are
+    resolved against the YAML file's folder by ``mlip_fed.deploy.site_config.load_site_config``.
+    """
+
+    site_id: str = Field(pattern=SITE_ID_PATTERN)
+    #: SuperLink Fleet API as ``host:port`` (no URL scheme).
+    superlink: str
+    #: PEM CA certificate that signed the SuperLink's certificate (TLS is not optional for a hospital).
+    root_certificates: Path
+    #: The site's EC private key in OpenSSH format (``mlip-certs site``); its ``.pub`` is registered on the SuperLink.
+    auth_private_key: Path
+    auth_public_key: Path | None = None
+    data: DataConfig
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    resources: SiteResources = SiteResources()
+    #: Which GPU a site uses is the SuperNode's environment (CUDA_VISIBLE_DEVICES), not this file.
+    #: Checkpoints, bank history and the privacy ledger live here; it must outlive every run.
+    state_dir: Path
+    privacy: PrivacyPolicy = PrivacyPolicy()
+    #: The SuperNode's own ClientAppIo/runtime API port on 127.0.0.1 (two sites on one host need different ones).
+    runtime_port: int = Field(default=9094, ge=1, le=65535)
+    #: Reconnection policy when the SuperLink is unreachable; after it the launcher exits non-zero.
+    max_retries: int = Field(default=10, ge=0)
+    max_wait_time_s: float = Field(default=300.0, gt=0)
+
+    @field_validator("superlink")
+    @classmethod
+    def _superlink_address(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or "://" in value or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError("must be host:port (e.g. superlink.hospital.org:9092), without a URL scheme")
+        return value
+
+    @field_validator("data")
+    @classmethod
+    def _site_data(cls, value: DataConfig) -> DataConfig:
+        if value.source == "synthetic":
+            raise ValueError(
+                "data.source='synthetic' is the simulation benchmark; a site trains on its own data: "
+                "use 'manifest' (CSV, e.g. from mlip-data synth) or 'mimic'"
+            )
+        if value.source == "chexpert":
+            raise ValueError("data.source='chexpert' has no reports; a site needs image-report pairs")
+        return value
