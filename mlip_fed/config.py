@@ -140,6 +140,15 @@ class FederationConfig(_Strict):
     round_timeout_s: float = Field(default=3600.0, gt=0)
     evaluate_every: int = Field(default=1, ge=0)
     resume: bool = False
+    #: Client-level DP (DP-FedAvg, ``federation/client_dp.py``): clip each site's update to the norm, average with
+    #: equal weights, add server-side Gaussian noise; reported apart from the sites' sample-level epsilon.
+    client_dp: bool = False
+    #: z: noise std on the update sum in units of the clipping norm. Required when client_dp is on.
+    client_dp_noise_multiplier: float | None = Field(default=None, gt=0)
+    #: S: L2 bound on one site's whole update (theta_site - theta_global). Required when client_dp is on.
+    client_dp_clipping_norm: float | None = Field(default=None, gt=0)
+    #: delta_c of the client-level epsilon (unit: one site).
+    client_dp_delta: float = Field(default=1e-5, gt=0, lt=1)
 
 
 class ExperimentConfig(_Strict):

@@ -25,6 +25,16 @@ from mlip_fed.federation.aggregate import (
     state_nbytes,
     weighted_average,
 )
+from mlip_fed.federation.client_dp import (
+    CLIENT_DP_KEY,
+    ClientDPAccountant,
+    ClientDPEvent,
+    check_history_consistent,
+    dp_fedavg,
+    noise_generator,
+    round_entry,
+    settings_from_config,
+)
 from mlip_fed.federation.payload import RoundRequest, SiteFailure, SiteUpdate
 from mlip_fed.federation.report import plot_results, table_header, table_row, write_results
 from mlip_fed.federation.run_config import FederationRun
@@ -74,6 +84,9 @@ class FederationCoordinator:
         self.evaluator = evaluator
         self.log = log
         self.optimizer = build_server_optimizer(self.fed.strategy, self.fed.server_lr)
+        self.client_dp = settings_from_config(self.fed)  # None unless federation.client_dp; refuses half-configured
+        #: round -> number of nodes available when it was sampled (q = m/K for the client-DP accountant).
+        self._available: dict[int, int] = {}
         config_json = cfg.model_dump(mode="json")
         saved = load_server_state(self.output_dir)
         if saved is not None and not self.fed.resume:
@@ -91,6 +104,7 @@ class FederationCoordinator:
             if not run_id_path.is_file():
                 raise ValueError(f"resuming {self.output_dir}: {run_id_path} is missing; DP sites need the same run id")
             self.run_id = run_id_path.read_text().strip()
+            check_history_consistent(saved.history, self.client_dp is not None, str(self.output_dir))
         else:
             missing = [k for k in BANK_GLOBAL_KEYS if k not in initial_bank]
             if missing:
@@ -104,6 +118,9 @@ class FederationCoordinator:
             )
             self.run_id = f"{cfg.name}-{uuid.uuid4().hex[:12]}"  # a fresh run: new ledger keys at every site
             atomic_write_text(self.output_dir / RUN_ID_FILE, self.run_id + "\n")
+        self.client_dp_accountant = (
+            ClientDPAccountant.from_history(self.state.history, self.client_dp.delta) if self.client_dp else None
+        )
 
     # ------------------------------------------------------------------ round life cycle
     def remaining_rounds(self) -> range:
@@ -132,6 +149,7 @@ class FederationCoordinator:
             raise ValueError(f"round {server_round}: no nodes connected")
         wanted = max(self.fed.min_train_nodes, math.ceil(self.fed.fraction_train * len(available)))
         wanted = min(wanted, len(available))
+        self._available[server_round] = len(available)
         return sorted(random.Random(self.cfg.seed * 100_003 + server_round).sample(available, wanted))
 
     def round_request(self, server_round: int) -> RoundRequest:
@@ -185,7 +203,10 @@ class FederationCoordinator:
             record["epsilon"] = epsilons
         if updates:
             weights = [float(u.num_examples) for u in updates]
-            averaged = weighted_average([u.weights for u in updates], weights)
+            if self.client_dp is not None:
+                averaged = self._client_dp_average(server_round, updates, num_sampled, record)
+            else:
+                averaged = weighted_average([u.weights for u in updates], weights)
             self.state.weights = self.optimizer.step(self.state.weights, averaged)
             bank, updated = merge_site_banks(self.state.bank, [u.bank_stats for u in updates], self.fed.bank_min_count)
             self.state.bank = bank
@@ -262,6 +283,28 @@ class FederationCoordinator:
                 f"{self.output_dir / 'results.json'}"
             )
         return summary
+
+    def _client_dp_average(
+        self, server_round: int, updates: Sequence[SiteUpdate], num_sampled: int, record: dict[str, Any]
+    ) -> dict[str, Tensor]:
+        """DP-FedAvg over the sampled sites; charges the round and writes ``record["client_dp"]``.
+
+        q = m/K with K the nodes available at sampling; a round not sampled by ``select_nodes`` (the in-process
+        simulation, where every site takes part) claims no amplification (q = 1).
+        """
+        assert self.client_dp is not None and self.client_dp_accountant is not None
+        available = self._available.pop(server_round, num_sampled)
+        sample_rate = min(1.0, num_sampled / available)
+        result = dp_fedavg(
+            self.state.weights,
+            [u.weights for u in updates],
+            self.client_dp,
+            expected_sites=num_sampled,
+            generator=noise_generator(self.cfg.seed, server_round),
+        )
+        self.client_dp_accountant.record(ClientDPEvent(server_round, self.client_dp.noise_multiplier, sample_rate))
+        record[CLIENT_DP_KEY] = round_entry(result, self.client_dp, sample_rate, self.client_dp_accountant)
+        return result.weights
 
     # ------------------------------------------------------------------ persistence
     def _evaluate_this_round(self, server_round: int) -> bool:
