@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import platform
-import resource
 import statistics
 import sys
 import time
@@ -92,7 +91,7 @@ def measure(arch: str, args: argparse.Namespace) -> dict[str, float]:
         "trainer_s": framework,
         "tax": framework / bare,
         "images_per_s": args.batch_size / framework,
-        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "peak_rss_gib": pipeline.peak_rss_gib(),
     }
 
 

@@ -259,8 +259,7 @@ def run_in_process(
     to compare learning (federated vs centralized) without paying Ray/SuperLink start-up per
     configuration. ``central=True`` trains one 'site' on the pooled data: the centralized baseline.
     """
-    import resource
-
+    from mlip_fed import pipeline
     from mlip_fed.federation.coordinator import coordinator_from_run
     from mlip_fed.federation.run_config import experiment_from_run_config
     from mlip_fed.federation.site import SiteRuntime
@@ -280,5 +279,5 @@ def run_in_process(
         coordinator.complete_round(server_round, updates, [], num_sampled=len(sites))
     summary = coordinator.finish()
     summary["wall_seconds"] = time.perf_counter() - t0
-    summary["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    summary["peak_rss_gib"] = pipeline.peak_rss_gib()
     return summary
