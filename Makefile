@@ -38,5 +38,10 @@ lint: $(STAMP)
 	$(BIN)/ruff check mlip_fed server client tests bench
 	$(BIN)/ruff format --check mlip_fed server client tests bench
 
+# Every benchmark at a size this 2-core machine fits in <= 20 min; regenerates docs/performance.md.
+# BENCH_ARGS="--only mfu,hardware" runs a subset, "--list" shows the registry.
+bench: $(STAMP)
+	$(BIN)/python bench/run_all.py $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) demo_out runs .pytest_cache .ruff_cache

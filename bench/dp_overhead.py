@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
 import sys
 import time
@@ -113,7 +114,7 @@ def main() -> int:
     cmd = "python bench/dp_overhead.py " + " ".join(sys.argv[1:])
     rows = [
         f"Command: `{cmd.strip()}` (torch threads={args.threads}, batch={args.batch}, {args.buckets} buckets, "
-        f"median of {args.steps} steps after 1 warm-up; CPU shared with other jobs)",
+        f"median of {args.steps} steps after 1 warm-up; 1-min load average {os.getloadavg()[0]:.1f} when the table was written)",
         "",
         "| step | median s | ratio |",
         "|---|---|---|",

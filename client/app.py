@@ -17,10 +17,11 @@ from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 
+from client.secagg import is_secure_request, secagg_mod, secure_train
 from mlip_fed.federation.payload import format_site_error
 from mlip_fed.federation.run_config import experiment_from_run_config
 from mlip_fed.federation.site import SiteRuntime
-from server.codec import decode_request, encode_update
+from server.codec import decode_request, encode_update, transport_dtype_of
 
 logger = logging.getLogger("mlip_fed.client")
 
@@ -76,7 +77,7 @@ def _runtime(context: Context) -> SiteRuntime:
     return _RUNTIMES[key]
 
 
-@app.train()
+@app.train(mods=[secagg_mod])  # SecAgg+ messages only; plain rounds pass straight through
 def train(msg: Message, context: Context) -> Message:
     site_id = f"site_{context.node_config.get('partition-id', '?')}"
     if "site-config" in context.node_config:
@@ -84,8 +85,10 @@ def train(msg: Message, context: Context) -> Message:
     try:
         runtime = _runtime(context)
         site_id = runtime.site_id
+        if is_secure_request(msg.content):  # legacy FitIns from the SecAgg+ workflow: reply FitRes for the mod to mask
+            return Message(secure_train(runtime, msg.content), reply_to=msg)
         update = runtime.train_round(decode_request(msg.content))
-        return Message(encode_update(update), reply_to=msg)
+        return Message(encode_update(update, transport_dtype_of(msg.content)), reply_to=msg)
     except Exception as err:  # reply with the site id; the server leaves this site out and lists it
         logger.error("%s failed in round %s:\n%s", site_id, msg.metadata.group_id, traceback.format_exc())
         return Message(

@@ -149,6 +149,45 @@ class FederationConfig(_Strict):
     client_dp_clipping_norm: float | None = Field(default=None, gt=0)
     #: delta_c of the client-level epsilon (unit: one site).
     client_dp_delta: float = Field(default=1e-5, gt=0, lt=1)
+    #: SecAgg+ (``server/secagg.py``): the server learns only the sum over sites of weights, bank sums and counts.
+    secure_aggregation: bool = False
+    #: Neighbours each site secret-shares its keys with (itself included); Flower needs > 2.
+    secagg_num_shares: int = Field(default=3, ge=3)
+    #: Shares needed to unmask; a round survives ``num_shares - threshold`` drop-outs among a site's neighbours.
+    secagg_reconstruction_threshold: int = Field(default=2, ge=2)
+    #: Public upper bound on one site's ``num_examples``: scales the masked values into SecAgg+'s clipping range.
+    #: Keep it near the largest site: the averaged weights carry ~1e-6 * secagg_max_examples / num_examples error.
+    secagg_max_examples: int = Field(default=1000, ge=1)
+
+    @model_validator(mode="after")
+    def _secure_aggregation_can_run(self) -> FederationConfig:
+        if not self.secure_aggregation:
+            return self
+        if self.client_dp:
+            raise ValueError(
+                "federation.secure_aggregation=true with client_dp=true: client-level DP clips each site's update at "
+                "the server, which under SecAgg+ never sees one; use one or the other"
+            )
+        if self.secagg_reconstruction_threshold >= self.secagg_num_shares:
+            raise ValueError(
+                f"federation.secagg_reconstruction_threshold={self.secagg_reconstruction_threshold} must be below "
+                f"secagg_num_shares={self.secagg_num_shares} (Flower's SecAgg+ rule)"
+            )
+        if self.secagg_reconstruction_threshold > self.min_train_nodes:
+            raise ValueError(
+                f"federation.secagg_reconstruction_threshold={self.secagg_reconstruction_threshold} exceeds "
+                f"min_train_nodes={self.min_train_nodes}: a round with that few sites could never be unmasked"
+            )
+        if self.transport_dtype != "float32":
+            raise ValueError(
+                f"federation.transport_dtype={self.transport_dtype!r} with secure_aggregation=true: SecAgg+ quantizes "
+                "the upload itself and the secure path sends float32; leave transport_dtype=float32"
+            )
+        return self
+
+    #: Wire dtype of floating weights and bank tensors (``server/codec.py``), both directions; restored to float32 on
+    #: arrival. float16/bfloat16 halve the bytes per round; integer tensors (counts, flags) always travel as they are.
+    transport_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
 
 
 class ExperimentConfig(_Strict):

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable
 
 from flwr.app import Context, Message
 from flwr.serverapp import Grid, ServerApp
 
 from mlip_fed.federation.coordinator import FederationCoordinator, coordinator_from_run
+from mlip_fed.federation.payload import SiteFailure
 from mlip_fed.federation.run_config import experiment_from_run_config
 from server.codec import MESSAGE_TYPE, encode_request, sort_replies
 
@@ -30,6 +32,14 @@ def _log(line: str) -> None:
 def main(grid: Grid, context: Context) -> None:
     run = experiment_from_run_config(context.run_config)
     coordinator = coordinator_from_run(run, log=_log)
+    fed = run.cfg.federation
+    if fed.secure_aggregation:  # SecAgg+ exists only as Flower's legacy workflow: server/secagg.py drives the rounds
+        from server.secagg import run_secure_federation
+
+        run_secure_federation(
+            grid, context, coordinator, lambda: wait_for_nodes(grid, fed.min_available_nodes, fed.round_timeout_s)
+        )
+        return
     run_federation(grid, coordinator)
 
 
@@ -39,9 +49,13 @@ def run_federation(grid: Grid, coordinator: FederationCoordinator) -> dict:
     coordinator.start()
     known_sites: dict[int, str] = {}
     for server_round in coordinator.remaining_rounds():
-        node_ids = wait_for_nodes(grid, fed.min_available_nodes, fed.round_timeout_s)
+        try:
+            node_ids = wait_for_nodes(grid, fed.min_available_nodes, fed.round_timeout_s, known_sites=known_sites)
+        except QuorumTimeout as err:  # below quorum: skip this round (model unchanged), try again next round
+            coordinator.complete_round(server_round, [], quorum_failures(server_round, err, known_sites), num_sampled=0)
+            continue
         selected = coordinator.select_nodes(node_ids, server_round)
-        content = encode_request(coordinator.round_request(server_round))
+        content = encode_request(coordinator.round_request(server_round), fed.transport_dtype)
         messages = [
             Message(
                 content,
@@ -53,7 +67,7 @@ def run_federation(grid: Grid, coordinator: FederationCoordinator) -> dict:
             for node_id in selected
         ]
         t0 = time.perf_counter()
-        replies = list(grid.send_and_receive(messages, timeout=fed.round_timeout_s))
+        replies = attribute_replies(messages, grid.send_and_receive(messages, timeout=fed.round_timeout_s))
         communication_s = time.perf_counter() - t0
         updates, failures = sort_replies(server_round, messages, replies, known_sites)
         coordinator.complete_round(
@@ -62,10 +76,52 @@ def run_federation(grid: Grid, coordinator: FederationCoordinator) -> dict:
     return coordinator.finish()
 
 
-def wait_for_nodes(grid: Grid, minimum: int, timeout_s: float, poll_s: float = 1.0) -> list[int]:
-    """Connected node ids once at least ``minimum`` are there; a clear error after ``timeout_s``.
+def attribute_replies(sent: list[Message], replies: Iterable[Message]) -> list[Message]:
+    """Give the SuperLink's own error replies the node they stand for.
 
-    Flower's own ``sample_nodes`` polls forever; a federation whose sites never come must fail.
+    When a node stops heartbeating mid-round (killed, network gone), the SuperLink answers its message
+    with ``NODE_UNAVAILABLE`` from *its own* node id, so the dead site would be listed twice: once as
+    an anonymous error from the SuperLink and once as silent. Re-addressed to the request, the error is
+    reported once, under the site that dropped out.
+    """
+    by_id = {m.metadata.message_id: m for m in sent if m.metadata.message_id}
+    out = []
+    for reply in replies:
+        request = by_id.get(reply.metadata.reply_to_message_id)
+        if request is not None and reply.has_error() and reply.metadata.src_node_id != request.metadata.dst_node_id:
+            reply = Message(reply.error, reply_to=request)
+        out.append(reply)
+    return out
+
+
+def quorum_failures(server_round: int, err: QuorumTimeout, known_sites: dict[int, str]) -> list[SiteFailure]:
+    """Why a round never started: one entry per known site that was not connected, or one for the quorum.
+
+    A site that is down must neither stall the federation nor end it: the round is recorded as not
+    aggregated, the global model stays as it is, and the next round waits for the quorum again (the site
+    rejoins then). Which sites were missing is only known for sites that answered an earlier round.
+    """
+    reason = f"not connected; round not started: {err}"
+    named = [SiteFailure(server_round, known_sites[n], n, reason) for n in err.missing]
+    return named or [SiteFailure(server_round, "(quorum)", 0, f"round not started: {err}")]
+
+
+class QuorumTimeout(TimeoutError):
+    """Fewer than ``min_available_nodes`` connected within the round timeout; ``connected`` lists those that were."""
+
+    def __init__(self, message: str, connected: list[int], known: dict[int, str] | None = None) -> None:
+        super().__init__(message)
+        self.connected = connected
+        self.missing = sorted(set(known or {}) - set(connected))
+
+
+def wait_for_nodes(
+    grid: Grid, minimum: int, timeout_s: float, poll_s: float = 1.0, known_sites: dict[int, str] | None = None
+) -> list[int]:
+    """Connected node ids once at least ``minimum`` are there; ``QuorumTimeout`` after ``timeout_s``.
+
+    Flower's own ``sample_nodes`` polls forever: with ``min_available_nodes`` equal to the number of
+    hospitals, one site down would stall the federation for good.
     """
     deadline = time.monotonic() + timeout_s
     while True:
@@ -73,8 +129,10 @@ def wait_for_nodes(grid: Grid, minimum: int, timeout_s: float, poll_s: float = 1
         if len(node_ids) >= minimum:
             return node_ids
         if time.monotonic() >= deadline:
-            raise TimeoutError(
+            raise QuorumTimeout(
                 f"only {len(node_ids)} node(s) connected after {timeout_s:.0f} s; "
-                f"federation.min_available_nodes={minimum}"
+                f"federation.min_available_nodes={minimum}",
+                node_ids,
+                known_sites,
             )
-        time.sleep(poll_s)
+        time.sleep(max(0.0, min(poll_s, deadline - time.monotonic())))

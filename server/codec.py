@@ -3,13 +3,22 @@
 Server and ClientApp both import this, so the two ends cannot drift. Our own loop (pattern C of
 reference/flower-1.42.md §11) is not bound by FedAvg's one-ArrayRecord rule: weights and bank travel
 as two ArrayRecords, so ``bytes`` per round can be reported for each.
+
+Transport dtype (``federation.transport_dtype``): float32 weights and bank prototypes/sums may travel as
+float16 or bfloat16, halving the bytes per round; they are restored to float32 on arrival, so the trainer
+and the aggregation never see a half-precision tensor. Counts and flags never change dtype: the bank merge
+weights by counts, and float16 holds integers exactly only up to 2048. A ``transport`` ConfigRecord names the
+wire dtype and the cast keys, so decoding is exact (a genuine int16 buffer is never mistaken for bfloat16,
+which numpy cannot hold and therefore travels as its int16 bit pattern).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from torch import Tensor
 
 from mlip_fed.federation.aggregate import BANK_GLOBAL_KEYS, BANK_STAT_KEYS
 from mlip_fed.federation.payload import RoundRequest, SiteFailure, SiteUpdate, parse_site_error
@@ -20,15 +29,108 @@ CONFIG = "config"
 METRICS = "metrics"
 SITE = "site"
 NUM_EXAMPLES = "num-examples"
+TRANSPORT = "transport"
 MESSAGE_TYPE = "train"
 
+#: ``federation.transport_dtype`` values and the torch dtype each puts on the wire.
+TRANSPORT_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+#: Bank entries that keep their dtype whatever the transport: counts and the initialised flags.
+NEVER_CAST = frozenset({"count", "initialized"})
 
-def encode_request(request: RoundRequest) -> RecordDict:
+
+def check_transport_dtype(transport_dtype: str) -> torch.dtype:
+    if transport_dtype not in TRANSPORT_DTYPES:
+        raise ValueError(f"federation.transport_dtype={transport_dtype!r} is not one of {sorted(TRANSPORT_DTYPES)}")
+    return TRANSPORT_DTYPES[transport_dtype]
+
+
+def encode_arrays(state: Mapping[str, Tensor], transport_dtype: str = "float32") -> tuple[ArrayRecord, list[str]]:
+    """An ArrayRecord of ``state`` with float32 tensors cast to the wire dtype; returns it and the cast keys."""
+    wire = check_transport_dtype(transport_dtype)
+    arrays: dict[str, Array] = {}
+    cast: list[str] = []
+    for key, tensor in state.items():
+        t = tensor.detach()
+        if wire != torch.float32 and t.dtype == torch.float32 and key not in NEVER_CAST:
+            t = t.to(wire)
+            if wire == torch.bfloat16:  # numpy has no bfloat16: send its bit pattern
+                t = t.view(torch.int16)
+            cast.append(key)
+        arrays[key] = Array(t.cpu().numpy())
+    return ArrayRecord(arrays), cast
+
+
+def decode_arrays(record: ArrayRecord, cast: Sequence[str], transport_dtype: str, what: str) -> dict[str, Tensor]:
+    """Tensors of ``record``; the ``cast`` keys are restored from the wire dtype to float32.
+
+    One copy per array (numpy's buffer into a writable tensor), where ``to_torch_state_dict`` would hand out
+    tensors over read-only buffers that every later in-place update must copy anyway.
+    """
+    wire = check_transport_dtype(transport_dtype)
+    cast_set = set(cast)
+    unknown = sorted(cast_set - set(record.keys()))
+    if unknown:
+        raise ValueError(f"{what}: transport record casts {unknown}, which the {what} does not carry")
+    wire_np = "int16" if wire == torch.bfloat16 else str(wire).removeprefix("torch.")
+    out: dict[str, Tensor] = {}
+    for key in record.keys():
+        array = record[key]
+        if key not in cast_set:
+            out[key] = torch.from_numpy(array.numpy().copy())
+            continue
+        if array.dtype != wire_np:
+            raise ValueError(
+                f"{what}: {key!r} arrived as {array.dtype}, expected {wire_np} ({transport_dtype} transport)"
+            )
+        tensor = torch.from_numpy(array.numpy().copy())
+        if wire == torch.bfloat16:
+            tensor = tensor.view(torch.bfloat16)
+        out[key] = tensor.float()
+    return out
+
+
+def transport_dtype_of(content: RecordDict) -> str:
+    """The wire dtype a message was encoded with (float32 for a message without a transport record)."""
+    if TRANSPORT not in content:
+        return "float32"
+    return str(content.config_records[TRANSPORT]["dtype"])
+
+
+def _transport_record(transport_dtype: str, weights_cast: list[str], bank_cast: list[str]) -> ConfigRecord:
+    record: dict[str, str | list[str]] = {"dtype": transport_dtype}
+    if weights_cast:  # Flower cannot type an empty list
+        record["weights-cast"] = weights_cast
+    if bank_cast:
+        record["bank-cast"] = bank_cast
+    return ConfigRecord(record)  # type: ignore[arg-type]
+
+
+def _decode_transport(content: RecordDict, what: str) -> tuple[str, list[str], list[str]]:
+    if TRANSPORT not in content:
+        return "float32", [], []
+    record = content.config_records[TRANSPORT]
+    transport_dtype = str(record.get("dtype", ""))
+    check_transport_dtype(transport_dtype)
+    weights_cast = [str(k) for k in record.get("weights-cast", [])]  # type: ignore[union-attr]
+    bank_cast = [str(k) for k in record.get("bank-cast", [])]  # type: ignore[union-attr]
+    if transport_dtype == "float32" and (weights_cast or bank_cast):
+        raise ValueError(f"{what}: float32 transport record lists cast keys")
+    return transport_dtype, weights_cast, bank_cast
+
+
+def encode_request(request: RoundRequest, transport_dtype: str = "float32") -> RecordDict:
+    weights, weights_cast = encode_arrays(request.weights, transport_dtype)
+    bank, bank_cast = encode_arrays({k: request.bank[k] for k in BANK_GLOBAL_KEYS}, transport_dtype)
     return RecordDict(
         {
-            WEIGHTS: ArrayRecord(dict(request.weights)),
-            BANK: ArrayRecord({k: request.bank[k] for k in BANK_GLOBAL_KEYS}),
+            WEIGHTS: weights,
+            BANK: bank,
             CONFIG: ConfigRecord(dict(request.config)),
+            TRANSPORT: _transport_record(transport_dtype, weights_cast, bank_cast),
         }
     )
 
@@ -38,23 +140,28 @@ def decode_request(content: RecordDict) -> RoundRequest:
     config = dict(content.config_records[CONFIG])
     if "server-round" not in config:
         raise ValueError("train request: config record lacks 'server-round'")
+    transport_dtype, weights_cast, bank_cast = _decode_transport(content, "train request")
     return RoundRequest(
         server_round=int(config["server-round"]),
-        weights=dict(content.array_records[WEIGHTS].to_torch_state_dict()),
-        bank=dict(content.array_records[BANK].to_torch_state_dict()),
+        weights=decode_arrays(content.array_records[WEIGHTS], weights_cast, transport_dtype, "train request"),
+        bank=decode_arrays(content.array_records[BANK], bank_cast, transport_dtype, "train request"),
         config=config,  # type: ignore[arg-type]
     )
 
 
-def encode_update(update: SiteUpdate) -> RecordDict:
+def encode_update(update: SiteUpdate, transport_dtype: str = "float32") -> RecordDict:
+    """The site's reply; ``transport_dtype`` is normally the request's (``transport_dtype_of(msg.content)``)."""
     metrics: dict[str, float | int] = {NUM_EXAMPLES: int(update.num_examples)}
     metrics.update({k: float(v) for k, v in update.metrics.items()})
+    weights, weights_cast = encode_arrays(update.weights, transport_dtype)
+    bank, bank_cast = encode_arrays({k: update.bank_stats[k] for k in BANK_STAT_KEYS}, transport_dtype)
     return RecordDict(
         {
-            WEIGHTS: ArrayRecord(dict(update.weights)),
-            BANK: ArrayRecord({k: update.bank_stats[k] for k in BANK_STAT_KEYS}),
+            WEIGHTS: weights,
+            BANK: bank,
             METRICS: MetricRecord(metrics),
             SITE: ConfigRecord({"site-id": update.site_id}),
+            TRANSPORT: _transport_record(transport_dtype, weights_cast, bank_cast),
         }
     )
 
@@ -65,14 +172,15 @@ def decode_update(content: RecordDict) -> SiteUpdate:
     if NUM_EXAMPLES not in metrics:
         raise ValueError(f"site reply: metrics lack {NUM_EXAMPLES!r}")
     num_examples = int(metrics.pop(NUM_EXAMPLES))  # type: ignore[arg-type]
-    bank = dict(content.array_records[BANK].to_torch_state_dict())
+    transport_dtype, weights_cast, bank_cast = _decode_transport(content, "site reply")
+    bank = decode_arrays(content.array_records[BANK], bank_cast, transport_dtype, "site reply")
     missing = [k for k in BANK_STAT_KEYS if k not in bank]
     if missing:
         raise ValueError(f"site reply: bank statistics lack {missing}")
     return SiteUpdate(
         site_id=str(content.config_records[SITE]["site-id"]),
         num_examples=num_examples,
-        weights=dict(content.array_records[WEIGHTS].to_torch_state_dict()),
+        weights=decode_arrays(content.array_records[WEIGHTS], weights_cast, transport_dtype, "site reply"),
         bank_stats=bank,
         metrics={k: float(v) for k, v in metrics.items()},  # type: ignore[arg-type]
     )

@@ -40,7 +40,8 @@ def test_three_sites_two_rounds(tmp_path: Path) -> None:
         output_dir=tmp_path / "run",
         num_supernodes=3,
         experiment="smoke",
-        overrides=_overrides(tmp_path / "data", 3),
+        # bf16 on the wire both ways: the ServerApp/ClientApp wiring of federation.transport_dtype runs end to end
+        overrides=[*_overrides(tmp_path / "data", 3), "federation.transport_dtype=bfloat16"],
         num_rounds=2,
         timeout_s=400,
         flwr_home=flwr_home,

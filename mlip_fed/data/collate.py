@@ -4,12 +4,19 @@ Word indices follow the text tower's rule (a token starting with ``##`` continue
 word; special tokens and padding belong to no word), so the entity spans built here line up with
 the words the model merges. Counterfactuals are seeded per (seed, epoch, study), so a batch is
 the same whatever the worker layout or resume point.
+
+Tokenisation, word indices and entity spans depend on a report's text only, so each distinct text is
+encoded once and cached (``_TextEncoding``); a batch only pads the cached rows. Before the cache the
+per-row Python loops of ``token_word_ids`` and ``_entities`` ran every step and cost ~180 ms per batch of
+32 at the CPU default, about as much as decoding and augmenting the images (docs/federation.md,
+"Performance fixes"). The output is identical to tokenising the batch with ``padding=True``.
 """
 
 from __future__ import annotations
 
 import random
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -38,6 +45,16 @@ def token_word_ids(
                 word += 1
             out[row, col] = word
     return out
+
+
+@dataclass(frozen=True)
+class _TextEncoding:
+    """One text, unpadded: token ids, word index per token and its knowledge entities ``(concept index, words)``
+    (None until a report needs them: counterfactual texts never do)."""
+
+    input_ids: tuple[int, ...]
+    word_ids: tuple[int, ...]
+    entities: tuple[tuple[int, frozenset[int]], ...] | None
 
 
 class MLIPCollator:
@@ -80,6 +97,12 @@ class MLIPCollator:
         self._mention_fn = mention_fn
         self._cache: dict[str, list[Mention]] = {}
         self._cache_size = cache_size
+        self._encodings: dict[str, _TextEncoding] = {}
+        self._special = set(tokenizer.all_special_ids)
+        if tokenizer.pad_token_id is None:
+            raise ValueError("MLIPCollator: the tokenizer has no pad token; batches of reports need padding")
+        if tokenizer.padding_side not in ("right", "left"):
+            raise ValueError(f"MLIPCollator: unsupported tokenizer.padding_side={tokenizer.padding_side!r}")
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -100,15 +123,66 @@ class MLIPCollator:
         self._cache[text] = found
         return found
 
-    def _tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        return self.tokenizer(
-            texts,
-            padding=True,
-            truncation=True,
-            max_length=self.max_length,
-            return_offsets_mapping=True,
-            return_tensors="pt",
-        )
+    def encode_text(self, text: str, with_entities: bool = True) -> _TextEncoding:
+        """The cached encoding of one text (entities only when asked: counterfactuals need none)."""
+        hit = self._encodings.get(text)
+        if hit is not None and (hit.entities is not None or not with_entities):
+            return hit
+        enc = self.tokenizer(text, truncation=True, max_length=self.max_length, return_offsets_mapping=True)
+        ids: list[int] = list(enc["input_ids"])
+        tokens = self.tokenizer.convert_ids_to_tokens(ids)
+        word_ids: list[int] = []
+        word = -1
+        for tid, tok in zip(ids, tokens, strict=True):
+            if tid in self._special:
+                word_ids.append(-1)
+                continue
+            if not tok.startswith("##") or word < 0:
+                word += 1
+            word_ids.append(word)
+        entities = self._entity_words(self.mentions(text), enc["offset_mapping"], word_ids) if with_entities else None
+        encoding = _TextEncoding(tuple(ids), tuple(word_ids), entities)
+        if len(self._encodings) >= self._cache_size:
+            self._encodings.clear()
+        self._encodings[text] = encoding
+        return encoding
+
+    def _entity_words(
+        self, found: Sequence[Mention], offsets: Sequence[tuple[int, int]], word_ids: Sequence[int]
+    ) -> tuple[tuple[int, frozenset[int]], ...]:
+        """Concept index -> words it covers, first ``max_entities`` concepts in mention order."""
+        entities: dict[int, set[int]] = {}
+        for m in found:
+            idx = self.concept_index.get(m.concept_id)
+            if idx is None:
+                raise KeyError(f"mention concept {m.concept_id!r} is not in knowledge base {self.kb.version}")
+            words = {
+                w
+                for (start, end), w in zip(offsets, word_ids, strict=True)
+                if w >= 0 and start < m.end and end > m.start
+            }
+            if not words:  # truncated away
+                continue
+            if idx not in entities and len(entities) >= self.max_entities:
+                continue
+            entities.setdefault(idx, set()).update(words)
+        return tuple((idx, frozenset(words)) for idx, words in entities.items())
+
+    def _pad(self, encodings: Sequence[_TextEncoding]) -> dict[str, torch.Tensor]:
+        """input_ids, attention_mask and word_ids padded to the longest row (as ``padding=True`` does)."""
+        length = max(len(e.input_ids) for e in encodings)
+        b = len(encodings)
+        input_ids = torch.full((b, length), int(self.tokenizer.pad_token_id), dtype=torch.long)
+        attention = torch.zeros((b, length), dtype=torch.long)
+        word_ids = torch.full((b, length), -1, dtype=torch.long)
+        left = self.tokenizer.padding_side == "left"
+        for row, e in enumerate(encodings):
+            n = len(e.input_ids)
+            cols = slice(length - n, length) if left else slice(0, n)
+            input_ids[row, cols] = torch.tensor(e.input_ids, dtype=torch.long)
+            attention[row, cols] = 1
+            word_ids[row, cols] = torch.tensor(e.word_ids, dtype=torch.long)
+        return {"input_ids": input_ids, "attention_mask": attention, "word_ids": word_ids}
 
     def __call__(self, items: Sequence[dict[str, Any] | None]) -> dict[str, Any]:
         items = [it for it in items if it is not None]
@@ -121,47 +195,25 @@ class MLIPCollator:
             batch["image_view2"] = torch.stack([it["image_view2"] for it in items])
         elif n_view2:
             raise ValueError(f"MLIPCollator: only {n_view2} of {len(items)} items carry 'image_view2'")
-        enc = self._tokenize(reports)
-        batch["input_ids"] = enc["input_ids"]
-        batch["attention_mask"] = enc["attention_mask"]
-        word_ids = token_word_ids(self.tokenizer, enc["input_ids"], enc["attention_mask"])
-        batch["word_ids"] = word_ids
+        encodings = [self.encode_text(r) for r in reports]
+        batch.update(self._pad(encodings))
         batch["labels"] = torch.stack([torch.as_tensor(it["labels"], dtype=torch.float32) for it in items])
-        mentions = [self.mentions(r) for r in reports]
-        batch.update(self._entities(mentions, enc["offset_mapping"], word_ids))
-        batch.update(self._swaps(items, reports, mentions))
+        batch.update(self._entities(encodings, batch["word_ids"]))
+        batch.update(self._swaps(items, reports, [self.mentions(r) for r in reports]))
         batch["patient_id"] = [str(it["patient_id"]) for it in items]
         batch["study_id"] = [str(it["study_id"]) for it in items]
         if all("index" in it for it in items):
             batch["index"] = torch.tensor([int(it["index"]) for it in items])
         return batch
 
-    def _entities(
-        self, mentions: list[list[Mention]], offsets: torch.Tensor, word_ids: torch.Tensor
-    ) -> dict[str, torch.Tensor]:
+    def _entities(self, encodings: Sequence[_TextEncoding], word_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         num_words = max(int(word_ids.max().item()) + 1, 1)
-        per_row: list[list[tuple[int, set[int]]]] = []
-        for row, found in enumerate(mentions):
-            entities: dict[int, set[int]] = {}
-            for m in found:
-                idx = self.concept_index.get(m.concept_id)
-                if idx is None:
-                    raise KeyError(f"mention concept {m.concept_id!r} is not in knowledge base {self.kb.version}")
-                starts, ends = offsets[row, :, 0], offsets[row, :, 1]
-                hit = (starts < m.end) & (ends > m.start) & (word_ids[row] >= 0)
-                words = set(word_ids[row][hit].tolist())
-                if not words:  # truncated away
-                    continue
-                if idx not in entities and len(entities) >= self.max_entities:
-                    continue
-                entities.setdefault(idx, set()).update(words)
-            per_row.append(list(entities.items()))
-        e_max = max(1, max(len(r) for r in per_row))
-        b = len(mentions)
+        e_max = max(1, max(len(e.entities or ()) for e in encodings))
+        b = len(encodings)
         entity_ids = torch.full((b, e_max), -1, dtype=torch.long)
         entity_words = torch.zeros((b, e_max, num_words), dtype=torch.bool)
-        for row, entities in enumerate(per_row):
-            for e, (idx, words) in enumerate(entities):
+        for row, encoding in enumerate(encodings):
+            for e, (idx, words) in enumerate(encoding.entities or ()):
                 entity_ids[row, e] = idx
                 entity_words[row, e, sorted(words)] = True
         return {"entity_ids": entity_ids, "entity_mask": entity_ids >= 0, "entity_words": entity_words}
@@ -178,7 +230,7 @@ class MLIPCollator:
                 cf = make_counterfactual(report, found, rng, findings=self.findings, max_edits=self.max_edits)
             swapped.append(cf if cf is not None else report)
             valid.append(cf is not None)
-        enc = self._tokenize(swapped)
+        enc = self._pad([self.encode_text(t, with_entities=False) for t in swapped])
         return {
             "swap_input_ids": enc["input_ids"],
             "swap_attention_mask": enc["attention_mask"],

@@ -5,6 +5,12 @@ truncated copy, a DICOM with an unsupported codec). Crashing a multi-hour federa
 image is worse than dropping it, so ``__getitem__`` returns ``None`` for such a record, counts it
 once in the dataset's ``SkipReport`` and :func:`collate_skipping_none` leaves it out of the batch.
 
+The deterministic head of each view's MONAI pipeline (channel-first, resize longest side, pad) does
+not change between epochs, so its output is cached per record (within ``cache_bytes``): a federated
+site trains on the same records every round, and at the CPU default the read + resize + pad was ~25 %
+of the per-image cost (docs/federation.md, "Performance fixes"). Only the random tail (crop, rotation,
+intensity jitter) runs every step; its random stream is untouched, so items are bit-identical.
+
 Counting is exact in the main process (``num_workers=0``). With worker processes each worker
 counts into its own copy of the dataset, which the main process never sees; run
 :func:`validate_records` first (``mlip-data check`` does) when the count matters.
@@ -27,6 +33,46 @@ from mlip_fed.data.transforms import build_mask_transform, second_view_seed
 
 Transform = Callable[[np.ndarray], torch.Tensor]
 
+#: Default budget of the per-record cache of deterministic pipeline heads (64² float32 is 16 KiB a view).
+DEFAULT_CACHE_BYTES = 1 << 30
+
+
+class _CachedView:
+    """A view's transform split into its deterministic head (computed once per record) and its random tail.
+
+    Only a MONAI ``Compose`` is split; any other callable runs whole every time. The tail's transforms are the
+    pipeline's own objects, so ``set_random_state`` on the pipeline still seeds them.
+    """
+
+    def __init__(self, transform: Transform) -> None:
+        self.transform = transform
+        steps = list(transform.transforms) if isinstance(transform, Compose) else []
+        split = 0
+        while split < len(steps) and not _is_random(steps[split]) and not _is_lazy(steps[split]):
+            split += 1
+        self.head = self.tail = None
+        if split and isinstance(transform, Compose) and not transform.lazy:
+            states = [(step, step.R) for step in steps if isinstance(step, Randomizable)]
+            self.head, self.tail = (
+                Compose(part, map_items=transform.map_items, unpack_items=transform.unpack_items, lazy=False)
+                for part in (steps[:split], steps[split:])
+            )
+            for step, state in states:  # a new Compose reseeds its members; keep the pipeline's own streams
+                step.R = state
+        self.cache: dict[int, torch.Tensor] = {}
+
+    def __call__(self, index: int, pixels: Callable[[], np.ndarray], budget: list[int]) -> torch.Tensor:
+        if self.head is None or self.tail is None:
+            return self.transform(pixels())
+        prepared = self.cache.get(index)
+        if prepared is None:
+            prepared = self.head(pixels())
+            size = prepared.numel() * prepared.element_size()
+            if size <= budget[0]:
+                budget[0] -= size
+                self.cache[index] = prepared
+        return self.tail(prepared.clone())
+
 
 def decode_skip_reason(err: ImageDecodeError, kind: str = "image") -> str:
     """One countable reason per failure kind, e.g. ``image decode failed: truncated or corrupt``."""
@@ -44,11 +90,17 @@ class ImageReportDataset(Dataset):
         second_view_transform: Transform | None = None,
         *,
         reader: Callable[[Any], np.ndarray] = read_image,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
     ) -> None:
+        """``cache_bytes``: memory for the cached pipeline heads of both views (0 turns the cache off)."""
+        if cache_bytes < 0:
+            raise ValueError(f"cache_bytes must be >= 0, got {cache_bytes}")
         self.records = list(records)
         self.transform = transform
         self.second_view_transform = second_view_transform
         self.reader = reader
+        self._views = [_CachedView(t) for t in (transform, second_view_transform) if t is not None]
+        self._budget = [cache_bytes]
         self.skips = SkipReport(loaded=len(self.records))
         self._bad: set[int] = set()
         self._lock = threading.Lock()
@@ -60,13 +112,20 @@ class ImageReportDataset(Dataset):
         record = self.records[index]
         if index in self._bad:
             return None
+        decoded: list[np.ndarray] = []
+
+        def pixels() -> np.ndarray:  # read at most once per item, and not at all when every view is cached
+            if not decoded:
+                decoded.append(self.reader(record.image_path))
+            return decoded[0]
+
         try:
-            pixels = self.reader(record.image_path)
+            views = [view(index, pixels, self._budget) for view in self._views]
         except ImageDecodeError as err:
             self._mark_bad(index, err)
             return None
         item: dict[str, Any] = {
-            "image": self.transform(pixels),
+            "image": views[0],
             "report": record.report,
             "labels": torch.tensor(record.labels, dtype=torch.float32),
             "patient_id": record.patient_id,
@@ -74,7 +133,7 @@ class ImageReportDataset(Dataset):
             "index": index,
         }
         if self.second_view_transform is not None:
-            item["image_view2"] = self.second_view_transform(pixels)
+            item["image_view2"] = views[1]
         return item
 
     def _mark_bad(self, index: int, err: ImageDecodeError, kind: str = "image") -> None:
@@ -145,6 +204,11 @@ def _is_random(transform: Any) -> bool:
     if isinstance(transform, Compose):
         return any(_is_random(t) for t in transform.transforms)
     return isinstance(transform, Randomizable)
+
+
+def _is_lazy(transform: Any) -> bool:
+    """MONAI lazy resampling defers work to a later step: such a step cannot end a cached head."""
+    return bool(getattr(transform, "lazy", False))
 
 
 def seed_worker(worker_id: int) -> None:

@@ -26,9 +26,6 @@ from typing import Annotated, Literal
 import numpy as np
 import torch
 from pydantic import BaseModel, BeforeValidator, ConfigDict, PlainSerializer
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import roc_auc_score
 from torch import Tensor
 
 from mlip_fed.knowledge.kb import CHEXPERT_CATEGORIES
@@ -95,6 +92,8 @@ def binary_auroc(scores: Tensor | np.ndarray, targets: Tensor | np.ndarray) -> f
         raise ValueError(f"scores {s.shape} and targets {y.shape} differ in length")
     if np.unique(y).size < 2:
         return math.nan
+    from sklearn.metrics import roc_auc_score  # lazy: mlip_fed.config reaches this module; a ClientApp never probes
+
     return float(roc_auc_score(y, s))
 
 
@@ -167,6 +166,9 @@ def _standardize(train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.nd
 
 
 def _fit_predict(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, C: float, max_iter: int) -> np.ndarray:
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+
     clf = LogisticRegression(C=C, solver="lbfgs", max_iter=max_iter)
     with warnings.catch_warnings():
         # A probe that has not fully converged at max_iter is still a valid (slightly regularised) probe.

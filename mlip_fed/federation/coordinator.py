@@ -38,6 +38,7 @@ from mlip_fed.federation.client_dp import (
 from mlip_fed.federation.payload import RoundRequest, SiteFailure, SiteUpdate
 from mlip_fed.federation.report import plot_results, table_header, table_row, write_results
 from mlip_fed.federation.run_config import FederationRun
+from mlip_fed.federation.secure_payload import SecureAggregate
 from mlip_fed.federation.server_state import (
     ServerState,
     check_resumable,
@@ -177,15 +178,7 @@ class FederationCoordinator:
         communication_seconds: float = math.nan,
     ) -> dict[str, Any]:
         """Aggregate what arrived, evaluate, checkpoint, append to results; returns the round's record."""
-        if server_round != self.state.completed_round + 1:
-            raise ValueError(
-                f"round {server_round} completed out of order (last completed {self.state.completed_round})"
-            )
-        for failure in failures:  # a refusal by a site's privacy policy included: log it, carry on with the others
-            what = "refused the round" if failure.refused else "left out"
-            self.log(
-                f"[server] round {server_round}: site {failure.site_id} (node {failure.node_id}) {what}: {failure.reason}"
-            )
+        self._open_round(server_round, failures)
         t_agg = time.perf_counter()
         record: dict[str, Any] = {
             "round": server_round,
@@ -218,10 +211,109 @@ class FederationCoordinator:
                 record["train_loss"] = sum(v * w for v, w in reported) / sum(w for _, w in reported)
         else:
             self.log(f"[server] round {server_round}: no site update arrived; global model unchanged")
-        aggregation_s = time.perf_counter() - t_agg
+        return self._close_round(
+            server_round,
+            record,
+            failures,
+            aggregation_s=time.perf_counter() - t_agg,
+            up_weights=[state_nbytes(u.weights) for u in updates],
+            up_bank=[state_nbytes(u.bank_stats) for u in updates],
+            site_train=[u.metrics.get("train_seconds", math.nan) for u in updates],
+            site_handler=[u.metrics.get("handler_seconds", math.nan) for u in updates],
+            num_sampled=num_sampled,
+            communication_seconds=communication_seconds,
+        )
 
+    def complete_secure_round(
+        self,
+        server_round: int,
+        aggregate: SecureAggregate | None,
+        failures: Sequence[SiteFailure],
+        *,
+        num_sampled: int,
+        site_ids: Sequence[str] = (),
+        site_metrics: Sequence[Mapping[str, float]] = (),
+        up_bytes_per_site: int = 0,
+        communication_seconds: float = math.nan,
+    ) -> dict[str, Any]:
+        """A SecAgg+ round: the same optimiser step, bank merge, evaluation, checkpoint and results as
+        ``complete_round``, fed with the unmasked sum instead of per-site updates (``secure_payload``).
+
+        The record names the contributing sites but carries no per-site example count or loss: the server never
+        had them. ``aggregate=None``: the protocol aborted (too few sites left to unmask); the model is unchanged.
+        """
+        self._open_round(server_round, failures)
+        if self.client_dp is not None:
+            raise ValueError("federation.client_dp needs each site's update at the server; it cannot run under SecAgg+")
+        t_agg = time.perf_counter()
+        contributed = aggregate is not None and aggregate.num_sites > 0
+        record: dict[str, Any] = {
+            "round": server_round,
+            "num_sampled": num_sampled,
+            "num_updates": aggregate.num_sites if aggregate is not None else 0,
+            "aggregated": contributed,
+            "secure_aggregation": True,
+            "sites": [
+                {"site_id": s, **{k: float(v) for k, v in m.items()}}
+                for s, m in zip(site_ids, site_metrics, strict=True)
+            ],
+            "failures": [f.as_dict() for f in failures],
+        }
+        epsilons = {s: float(m["epsilon"]) for s, m in zip(site_ids, site_metrics, strict=True) if "epsilon" in m}
+        if epsilons:
+            record["epsilon"] = epsilons
+        if aggregate is not None and contributed:
+            record["total_examples"] = aggregate.total_examples
+            self.state.weights = self.optimizer.step(self.state.weights, aggregate.weights)
+            bank, updated = merge_site_banks(self.state.bank, [aggregate.bank_stats], self.fed.bank_min_count)
+            self.state.bank = bank
+            record["bank_updated"] = int(updated.sum())
+            if aggregate.train_loss is not None:
+                record["train_loss"] = aggregate.train_loss
+        else:
+            self.log(f"[server] round {server_round}: secure aggregation produced no sum; global model unchanged")
+        num = aggregate.num_sites if contributed and aggregate is not None else 0
+        return self._close_round(
+            server_round,
+            record,
+            failures,
+            aggregation_s=time.perf_counter() - t_agg,
+            up_weights=[up_bytes_per_site] * num,
+            up_bank=[0] * num,  # the bank travels inside the masked vector counted in up_weights_per_site
+            site_train=[m.get("train_seconds", math.nan) for m in site_metrics],
+            site_handler=[m.get("handler_seconds", math.nan) for m in site_metrics],
+            num_sampled=num_sampled,
+            communication_seconds=communication_seconds,
+        )
+
+    def _open_round(self, server_round: int, failures: Sequence[SiteFailure]) -> None:
+        if server_round != self.state.completed_round + 1:
+            raise ValueError(
+                f"round {server_round} completed out of order (last completed {self.state.completed_round})"
+            )
+        for failure in failures:  # a refusal by a site's privacy policy included: log it, carry on with the others
+            what = "refused the round" if failure.refused else "left out"
+            self.log(
+                f"[server] round {server_round}: site {failure.site_id} (node {failure.node_id}) {what}: {failure.reason}"
+            )
+
+    def _close_round(
+        self,
+        server_round: int,
+        record: dict[str, Any],
+        failures: Sequence[SiteFailure],
+        *,
+        aggregation_s: float,
+        up_weights: list[int],
+        up_bank: list[int],
+        site_train: list[float],
+        site_handler: list[float],
+        num_sampled: int,
+        communication_seconds: float,
+    ) -> dict[str, Any]:
+        """Evaluate, account bytes and seconds, checkpoint and append the record: shared by plain and secure rounds."""
         evaluation_s = 0.0
-        if updates and self.evaluator is not None and self._evaluate_this_round(server_round):
+        if record["aggregated"] and self.evaluator is not None and self._evaluate_this_round(server_round):
             t_eval = time.perf_counter()
             record["eval"] = self.evaluator(self.state.weights, self.state.bank)
             evaluation_s = time.perf_counter() - t_eval
@@ -231,13 +323,10 @@ class FederationCoordinator:
         record["bytes"] = {
             "down_weights_per_site": down_weights,
             "down_bank_per_site": down_bank,
-            "up_weights_per_site": [state_nbytes(u.weights) for u in updates],
-            "up_bank_per_site": [state_nbytes(u.bank_stats) for u in updates],
-            "total": num_sampled * (down_weights + down_bank)
-            + sum(state_nbytes(u.weights) + state_nbytes(u.bank_stats) for u in updates),
+            "up_weights_per_site": up_weights,
+            "up_bank_per_site": up_bank,
+            "total": num_sampled * (down_weights + down_bank) + sum(up_weights) + sum(up_bank),
         }
-        site_train = [u.metrics.get("train_seconds", math.nan) for u in updates]
-        site_handler = [u.metrics.get("handler_seconds", math.nan) for u in updates]
         handler_max = max(site_handler) if site_handler else 0.0
         record["seconds"] = {
             "communication": communication_seconds,

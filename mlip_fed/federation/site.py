@@ -221,9 +221,13 @@ class SiteRuntime:
         t_train = time.perf_counter()
         summary = trainer.fit(self.loader, epochs=local_epochs)
         train_seconds = time.perf_counter() - t_train
+        t_ckpt = time.perf_counter()
         self._save_trainer(trainer, server_round)
+        checkpoint_seconds = time.perf_counter() - t_ckpt
 
+        t_bank = time.perf_counter()
         stats = bank_statistics(self.model, self.stats_loader, trainer.device)
+        bank_seconds = time.perf_counter() - t_bank
         append_jsonl(
             self.state_dir / "bank_history.jsonl",
             {"round": server_round, "count": stats["count"].tolist(), "steps": summary.steps},
@@ -233,6 +237,9 @@ class SiteRuntime:
             "train_steps": float(summary.steps),
             "train_samples": float(summary.samples),
             "train_seconds": train_seconds,
+            # where the rest of the handler goes (bench/flower_overhead.py): the trainer checkpoint, the bank pass
+            "checkpoint_seconds": checkpoint_seconds,
+            "bank_seconds": bank_seconds,
             "handler_seconds": time.perf_counter() - t_start,
         }
         metrics.update({f"loss_{k}": v for k, v in summary.mean_parts.items() if k not in ("total", "grad_norm")})

@@ -18,6 +18,11 @@ parameters such as the ViT position embeddings), so nothing is frozen by the eng
 divergence encoder and frozen knowledge prototypes have no gradients. An unsupported parameter is
 an error, never silently skipped.
 
+Audit extension point: ``extra_unit_gradients`` lets the one-run audit (``mlip_fed.privacy.gradient_canaries``)
+add white-box canary units: each is a privacy unit of its own whose gradient is given directly, clipped to C like a
+bucket and summed *before* the noise, so the audit exercises this engine's noise and normalisation unchanged.
+Training code never passes it.
+
 Noise comes from a seeded ``torch.Generator`` (reproducible runs); ``secure_mode`` is therefore
 false and the audit says so.
 """
@@ -130,6 +135,21 @@ class StepStats:
     num_buckets_nonempty: int
     clipped_fraction: float
     mean_bucket_norm: float
+    extra_units: int = 0
+
+
+@dataclass(frozen=True)
+class UnitGradient:
+    """One extra privacy unit's gradient, sparse on one parameter: ``value`` at flat positions ``index`` of
+    ``BucketedClippingGradient.params[param]``. The engine clips it to C as a whole (like a bucket)."""
+
+    param: int
+    index: torch.Tensor
+    value: torch.Tensor
+
+
+ExtraUnitGradients = Callable[[int], Sequence[UnitGradient]]
+"""noise-step number -> the extra units sampled into that step (see ``BucketedClippingGradient``)."""
 
 
 class BucketedClippingGradient:
@@ -142,6 +162,9 @@ class BucketedClippingGradient:
 
     Call ``close()`` to remove the Opacus hooks. ``steps`` counts noise steps (empty batches included): that is
     what the ledger must be charged with.
+
+    ``extra_unit_gradients`` (audits only): called with the noise-step number before the noise is drawn; each
+    returned ``UnitGradient`` is one more privacy unit, clipped to C and added to the clipped sum of that step.
     """
 
     def __init__(
@@ -154,6 +177,7 @@ class BucketedClippingGradient:
         mode: Mode = "bucketed",
         seed: int = 0,
         loss_fn: Callable[[nn.Module, dict[str, Any]], tuple[torch.Tensor, dict[str, torch.Tensor]]] | None = None,
+        extra_unit_gradients: ExtraUnitGradients | None = None,
     ) -> None:
         if noise_multiplier < 0 or clipping_norm <= 0 or num_buckets < 1:
             raise ValueError(
@@ -170,12 +194,18 @@ class BucketedClippingGradient:
         self.num_buckets = num_buckets
         self.mode = mode
         self.loss_fn = loss_fn
+        self.extra_unit_gradients = extra_unit_gradients
         self.generator = torch.Generator().manual_seed(_seed("noise", seed))
         self.steps = 0
         self.last_stats: StepStats | None = None
         self._params = [p for p in model.parameters() if p.requires_grad]
         self._names = {id(p): n for n, p in model.named_parameters()}
         self._gsm = GradSampleModule(model, batch_first=True, loss_reduction="sum", strict=True)
+
+    @property
+    def params(self) -> list[nn.Parameter]:
+        """The trainable parameters, in the order ``UnitGradient.param`` indexes them."""
+        return list(self._params)
 
     @property
     def effective_noise_multiplier(self) -> float:
@@ -194,6 +224,8 @@ class BucketedClippingGradient:
         for p in self._params:
             p.grad = None
         summed, parts = self.clipped_sum(batch)
+        if self.extra_unit_gradients is not None:
+            self.add_extra_units(summed, self.extra_unit_gradients(self.steps))
         scale = loss_scale / self.num_buckets
         std = self.noise_multiplier * self.clipping_norm
         for p, s, prev in zip(self._params, summed, previous, strict=True):
@@ -202,6 +234,26 @@ class BucketedClippingGradient:
             p.grad = private if prev is None else prev + private
         self.steps += 1
         return parts
+
+    def add_extra_units(self, summed: list[torch.Tensor], units: Sequence[UnitGradient]) -> None:
+        """Clip each extra unit to C and add it to ``summed`` in place (the noiseless clipped sum of a step)."""
+        for unit in units:
+            if not 0 <= unit.param < len(self._params):
+                raise ValueError(
+                    f"extra unit gradient: parameter index {unit.param} outside 0..{len(self._params) - 1}"
+                )
+            target = summed[unit.param].view(-1)
+            value = unit.value.to(target.device, target.dtype).reshape(-1)
+            index = unit.index.to(target.device).reshape(-1)
+            if index.shape != value.shape or (index.numel() and int(index.max()) >= target.numel()):
+                raise ValueError(
+                    f"extra unit gradient on {self._names.get(id(self._params[unit.param]), '?')!r}: "
+                    f"{index.numel()} indices for {value.numel()} values, parameter size {target.numel()}"
+                )
+            norm = float(value.double().norm())
+            target.index_add_(0, index, value * min(1.0, self.clipping_norm / (norm + 1e-6)))
+        if self.last_stats is not None:
+            self.last_stats.extra_units = len(units)
 
     def clipped_sum(self, batch: dict[str, Any]) -> tuple[list[torch.Tensor], dict[str, float]]:
         """Noiseless Σ_buckets clip(G_bucket, C) per trainable parameter, and the loss parts (floats).
