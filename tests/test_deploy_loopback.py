@@ -87,7 +87,15 @@ def test_loopback_deployment_tls_node_auth_and_dropout(tmp_path: Path) -> None:
         # Mid-round 1: the killed site's ClientApp has pulled its message and is training.
         _wait_for(f"{KILLED}'s round-1 ClientApp", lambda: dep.clientapp_pids(KILLED), 300, dep)
         killed = dep.kill_site(KILLED)
-        assert killed and all(not Path(f"/proc/{pid}").exists() or _zombie(pid) for pid in killed)
+        # SIGKILL is asynchronous: a process with a large address space takes a moment to tear down.
+        _wait_for(
+            f"{KILLED}'s processes to die",
+            lambda: all(not Path(f"/proc/{pid}").exists() or _zombie(pid) for pid in killed),
+            30,
+            dep,
+            poll_s=0.2,
+        )
+        assert killed
 
         results = out / "results.json"
         _wait_for("round 1 without the killed site", lambda: _completed_rounds(results) >= 1, 300, dep, poll_s=1.0)
