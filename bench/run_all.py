@@ -136,7 +136,7 @@ REGISTRY: tuple[Bench, ...] = (
         "hardware",
         "bench/hardware.py",
         ("--threads", "2", "--sizes", "256", "512", "1024", "--seconds", "0.75", "--mem-mib", "256"),
-        25,
+        10,
         "Measured fp32 GEMM throughput (2 threads and 1) and memory bandwidth: the CPU's practical ceiling.",
         goals=(
             Goal(
@@ -162,7 +162,7 @@ REGISTRY: tuple[Bench, ...] = (
             "--profile",
             "12",
         ),
-        90,
+        50,
         "Model FLOPs utilisation of the training step per image tower, batch 32, against the GEMM peak.",
         goals=(
             Goal(
@@ -180,7 +180,7 @@ REGISTRY: tuple[Bench, ...] = (
         "gpu_step",
         "bench/gpu_step.py",
         ("--archs", "resnet50", "vit_b16", "--steps", "10"),
-        10,
+        5,
         "Paper-size step (224², BERT-base-width text tower, bf16, channels-last, fused AdamW) on one NVIDIA GPU.",
         goals=(
             Goal("GPU bf16 MFU, resnet50 at 224²", "measured", metric("gpu_mfu_resnet50"), reported, "{:.1%}"),
@@ -192,7 +192,7 @@ REGISTRY: tuple[Bench, ...] = (
         "train_step",
         "bench/train_step.py",
         ("--archs", "vit_tiny", "resnet_tiny", "--steps", "3", "--repeats", "2", "--out", _scratch("train_step")),
-        70,
+        45,
         "LocalTrainer step against a bare PyTorch loop with the same forward/backward (framework tax), RSS.",
         goals=(Goal("framework tax (worst tower)", "≤ 1.15×", column("framework tax"), at_most(1.15), "{:.3f}×"),),
     ),
@@ -200,7 +200,7 @@ REGISTRY: tuple[Bench, ...] = (
         "dp_overhead",
         "bench/dp_overhead.py",
         ("--steps", "3"),
-        60,
+        25,
         "Bucketed DP step against the non-DP step, with where the DP step's time goes (writes docs/privacy.md).",
         goals=(Goal("DP step / non-DP step", "≤ 3×", column("ratio", row="DP bucketed"), at_most(3.0), "{:.2f}×"),),
     ),
@@ -208,22 +208,38 @@ REGISTRY: tuple[Bench, ...] = (
         "synth_difficulty",
         "bench/synth_difficulty.py",
         ("--sites", "3", "--studies-per-site", "100", "--no-doc"),
-        35,
+        15,
         "SynthCXR generation time and raw-pixel baseline difficulty.",
     ),
     Bench(
         "labeler_iu",
         "bench/labeler_iu.py",
         ("--reports", str(IU_REPORTS)),
-        15,
+        5,
         "Labeler throughput and agreement on real IU X-Ray reports (data outside the repository).",
         requires=(IU_REPORTS,),
     ),
     Bench(
         "growth",
         "bench/growth.py",
-        ("--sites", "3", "10", "20", "50", "--image-sizes", "64", "128", "224", "--studies", "25", "50", "100"),
-        210,
+        (
+            "--sites",
+            "3",
+            "10",
+            "20",
+            "50",
+            "--image-sizes",
+            "64",
+            "128",
+            "224",
+            "--studies",
+            "25",
+            "50",
+            "100",
+            "--rounds",
+            "1",
+        ),
+        245,
         "Time per round and memory against sites, image size and local dataset size, with fitted slopes.",
         goals=(
             Goal(
@@ -253,7 +269,7 @@ REGISTRY: tuple[Bench, ...] = (
         "flower_overhead",
         "bench/flower_overhead.py",
         ("--studies-per-site", "60", "--rounds", "2"),
-        110,
+        95,
         "A `flwr run` round against the same local training alone, and where the rest of the round goes.",
         goals=(
             Goal("Flower overhead of a round", "≤ 10 %", metric("flower_overhead_fraction"), at_most(0.10), "{:.1%}"),
@@ -262,8 +278,8 @@ REGISTRY: tuple[Bench, ...] = (
     Bench(
         "fed_comm",
         "bench/fed_comm.py",
-        ("--no-flwr", "--transport", "--transport-studies", "30", "--transport-rounds", "2"),
-        100,
+        ("--no-flwr", "--transport", "--transport-studies", "60", "--transport-rounds", "2"),
+        90,
         "Bytes per message (weights, bank, Flower framing) against raw fp32 bytes; fp16/bf16 transport and AUROC.",
         goals=(
             Goal("fp16 transport bytes / fp32", "≤ 0.55×", column("vs fp32", row="float16"), at_most(0.55), "{:.3f}×"),
@@ -272,32 +288,48 @@ REGISTRY: tuple[Bench, ...] = (
     Bench(
         "dp_utility",
         "bench/dp_utility.py",
-        ("--steps", "30"),
-        140,
+        ("--steps", "20"),
+        180,
         "Linear-probe AUROC of bucketed DP at target epsilon 3 and 8 against non-DP.",
     ),
     Bench(
         "canary_audit",
         "bench/canary_audit.py",
         ("--canaries", "1000", "--steps", "30", "--sample-rate", "0.5"),
-        60,
+        40,
         "One-run privacy audit with gradient canaries: bucketed DP against a deliberately noise-free run.",
     ),
     Bench(
         "secagg_cost",
         "bench/secagg_cost.py",
         ("--rounds", "2", "--studies-per-site", "16", "--max-examples", "64"),
-        100,
+        110,
         "SecAgg+ round cost against plain aggregation (simulation).",
     ),
     Bench(
         "deploy_rounds",
         "bench/deploy_rounds.py",
-        ("--rounds", "2", "--studies-per-site", "16", "--variants", "insecure", "tls", "--secagg"),
-        165,
+        ("--rounds", "1", "--studies-per-site", "16", "--variants", "insecure", "tls", "--secagg"),
+        280,
         "Deployment round time (SuperLink + 3 SuperNodes on 127.0.0.1): insecure, TLS + node auth, TLS + SecAgg+.",
     ),
 )
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL a bench, its process group and every descendant, by PID.
+
+    The process group alone is not enough: ``mlip-client`` starts each SuperNode in a session of its own, and
+    those would outlive the bench (reparented to init) if only the group were killed.
+    """
+    from mlip_fed.federation.simulation import descendants
+
+    pids = [*reversed(descendants(pid)), pid]  # collected before anything dies and is reparented
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)
+    for child in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGKILL)
 
 
 def run_bench(bench: Bench, python: str, repo: Path, env: dict[str, str] | None = None) -> BenchResult:
@@ -335,8 +367,7 @@ def run_bench(bench: Bench, python: str, repo: Path, env: dict[str, str] | None 
     try:
         stdout, stderr = proc.communicate(timeout=limit)
     except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
+        _kill_tree(proc.pid)
         stdout, stderr = proc.communicate()
         return BenchResult(
             **{**base, "stdout": stdout, "stderr_tail": stderr[-3000:]},
@@ -346,8 +377,7 @@ def run_bench(bench: Bench, python: str, repo: Path, env: dict[str, str] | None 
             reason=f"killed after {limit:.0f} s ({HARD_LIMIT_FACTOR:g}× its budget)",
         )
     except BaseException:  # Ctrl-C: the bench is in its own session and would not see it
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
+        _kill_tree(proc.pid)
         raise
     wall = time.perf_counter() - start
     status = "ok" if proc.returncode == 0 else "failed"

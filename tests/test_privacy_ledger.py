@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import dp_accounting
 import pytest
@@ -188,3 +189,19 @@ def test_audit_cli_reports_numbers_and_warnings(tmp_path, capsys) -> None:
     assert privacy_main(["audit", "--ledger", str(path), "--format", "html", "--out", str(out)]) == 0
     assert "data:image/png;base64," in out.read_text()
     assert privacy_main(["audit", "--ledger", str(tmp_path / "missing.db")]) == 2
+
+
+def test_calibration_failure_names_the_prototype_release_cost(tmp_path) -> None:
+    """A site YAML that leaves prototype_noise_multiplier at its default cannot afford two releases at epsilon 8:
+    the error must say so, not just that calibration failed."""
+    expensive = policy(noise_multiplier=None, epsilon_budget=8.0, delta=1e-5, prototype_noise_multiplier=4.0)
+    site = SitePrivacy(expensive, tmp_path / "a.db", num_records=100, run_id="r1")
+    with pytest.raises(ValueError, match=r"prototype release\(s\) alone: epsilon (\d+\.?\d*)") as err:
+        site.calibrate(total_steps=4, sample_rate=0.9, releases=2)
+    release_eps = float(re.search(r"release\(s\) alone: epsilon ([\d.]+)", str(err.value)).group(1))
+    assert release_eps > 8.0 and "prototype_noise_multiplier=4.0" in str(err.value)
+    site.close()
+    cheap = policy(noise_multiplier=None, epsilon_budget=8.0, delta=1e-5, prototype_noise_multiplier=20.0)
+    site = SitePrivacy(cheap, tmp_path / "b.db", num_records=100, run_id="r1")
+    assert site.calibrate(total_steps=4, sample_rate=0.9, releases=2) > 0  # the same plan fits with sigma_proto 20
+    site.close()

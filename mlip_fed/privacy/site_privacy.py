@@ -73,17 +73,29 @@ class SitePrivacy:
         """Set sigma once for the whole schedule (all rounds' steps and ``releases`` prototype releases)."""
         self._require_dp()
         assert self.policy.epsilon_budget is not None
-        prior = list(self.ledger.accounted_steps())
-        if releases and self.policy.release_prototypes:
-            prior += [self._release_step()] * releases
-        sigma = calibrate_noise_multiplier(
-            self.policy.epsilon_budget,
-            self.policy.delta,
-            sample_rate,
-            total_steps,
-            sensitivity_factor=SENSITIVITY_FACTOR[self.policy.mechanism],
-            prior=prior,
-        )
+        spent = list(self.ledger.accounted_steps())
+        release_steps = [self._release_step()] * releases if releases and self.policy.release_prototypes else []
+        prior = spent + release_steps
+        try:
+            sigma = calibrate_noise_multiplier(
+                self.policy.epsilon_budget,
+                self.policy.delta,
+                sample_rate,
+                total_steps,
+                sensitivity_factor=SENSITIVITY_FACTOR[self.policy.mechanism],
+                prior=prior,
+            )
+        except ValueError as err:  # say what ate the budget: earlier runs, or this run's prototype releases
+            spent_eps = compute_epsilon(spent, self.policy.delta).epsilon if spent else 0.0
+            release_eps = compute_epsilon(release_steps, self.policy.delta).epsilon if release_steps else 0.0
+            raise ValueError(
+                f"{err}: epsilon_budget={self.policy.epsilon_budget} cannot cover the plan. Already spent in the "
+                f"ledger: epsilon {spent_eps:.3g}; this run's {len(release_steps)} prototype release(s) alone: "
+                f"epsilon {release_eps:.3g} (privacy.prototype_noise_multiplier="
+                f"{self.policy.prototype_noise_multiplier}, prototype_contribution_bound="
+                f"{self.policy.prototype_contribution_bound}; configs/privacy/bucketed.yaml uses 20 and 14). "
+                "Raise the prototype noise, set release_prototypes: false, plan fewer rounds, or raise the budget."
+            ) from err
         self.noise_multiplier = max(sigma, self.policy.min_noise_multiplier)
         return self.noise_multiplier
 
