@@ -268,7 +268,7 @@ REGISTRY: tuple[Bench, ...] = (
     Bench(
         "flower_overhead",
         "bench/flower_overhead.py",
-        ("--studies-per-site", "60", "--rounds", "2"),
+        ("--studies-per-site", "40", "--rounds", "2"),
         95,
         "A `flwr run` round against the same local training alone, and where the rest of the round goes.",
         goals=(
@@ -288,7 +288,7 @@ REGISTRY: tuple[Bench, ...] = (
     Bench(
         "dp_utility",
         "bench/dp_utility.py",
-        ("--steps", "20"),
+        ("--steps", "15"),
         180,
         "Linear-probe AUROC of bucketed DP at target epsilon 3 and 8 against non-DP.",
     ),
