@@ -28,22 +28,9 @@ from pathlib import Path
 from typing import Any
 
 from mlip_fed.federation.report import replace_docs_block
-from mlip_fed.federation.simulation import descendants, run_flwr_simulation, superlink_pids
+from mlip_fed.federation.simulation import run_flwr_simulation, superlink_tree_rss_bytes
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def tree_rss_bytes(flwr_home: Path) -> int:
-    total = 0
-    for root in superlink_pids(flwr_home):
-        for pid in [root, *descendants(root)]:
-            try:
-                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                    if line.startswith("VmRSS:"):
-                        total += int(line.split()[1]) * 1024
-            except OSError:
-                continue
-    return total
 
 
 def run_one(work: Path, num_sites: int, studies_per_site: int, rounds: int) -> dict[str, Any]:
@@ -53,7 +40,7 @@ def run_one(work: Path, num_sites: int, studies_per_site: int, rounds: int) -> d
 
     def sample() -> None:
         while not done.wait(0.5):
-            peak[0] = max(peak[0], tree_rss_bytes(flwr_home))
+            peak[0] = max(peak[0], superlink_tree_rss_bytes(flwr_home))
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()

@@ -118,6 +118,21 @@ def superlink_pids(flwr_home: Path) -> list[int]:
     return pids
 
 
+def superlink_tree_rss_bytes(flwr_home: Path) -> int:
+    """Resident memory of the SuperLink started under ``flwr_home`` and everything below it (ServerApp, Ray,
+    ClientApps): what a simulation really costs, which the calling process's own RSS does not show."""
+    total = 0
+    for root in superlink_pids(flwr_home):
+        for pid in [root, *descendants(root)]:
+            try:
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1]) * 1024
+            except OSError:  # the process ended between listing and reading
+                continue
+    return total
+
+
 def descendants(pid: int) -> list[int]:
     """All live descendants of ``pid`` (children first discovered breadth-first), from /proc."""
     children: dict[int, list[int]] = {}
