@@ -56,7 +56,7 @@ def _deployed_runtime(context: Context, site_config: str) -> SiteRuntime:
     site = load_site_config(site_config)
     key = (int(context.run_id), site.site_id)
     if key not in _RUNTIMES:
-        run = experiment_from_run_config(context.run_config)
+        run = experiment_from_run_config(context.run_config, resolve_paths=False)
         cfg = site_experiment(site, run.cfg)
         runtime = SiteRuntime(cfg, None, site.state_dir, log=lambda line: logger.info(line))
         runtime.site_id = site.site_id  # SiteRuntime names pooled data "central"; a deployed site has its own id

@@ -267,6 +267,13 @@ class SiteConfig(_Strict):
     #: Checkpoints, bank history and the privacy ledger live here; it must outlive every run.
     state_dir: Path
     privacy: PrivacyPolicy = PrivacyPolicy()
+    #: This site's copy of the server's ``model.image.pretrained_path`` (file, model folder or cached hub id), used
+    #: here instead of the server's path. Same checkpoint: the model is built and the weights checked before the
+    #: site's data loads; the global weights replace the tower's from round 1 on.
+    image_weights: str | None = None
+    #: This site's copy of the server's ``model.text.checkpoint_dir`` (model folder or cached hub id). It also brings
+    #: the tokenizer, which the server never sends, so it must be the very same model and tokenizer.
+    text_weights: str | None = None
     #: The SuperNode's own ClientAppIo/runtime API port on 127.0.0.1 (two sites on one host need different ones).
     runtime_port: int = Field(default=9094, ge=1, le=65535)
     #: Reconnection policy when the SuperLink is unreachable; after it the launcher exits non-zero.

@@ -186,11 +186,24 @@ def check_resumable(config_file: Path, cfg: ExperimentConfig) -> None:
     saved = json.loads(config_file.read_text())
     now = cfg.model_dump(mode="json")
     for section in ("model", "data"):
-        if saved.get(section) != now[section]:
+        if _with_new_defaults(section, saved.get(section)) != now[section]:
             raise ValueError(
                 f"{config_file.parent}/checkpoint.pt was trained with a different `{section}` config; "
                 f"use another output_dir or train.resume=false"
             )
+
+
+def _with_new_defaults(section: str, saved: Any) -> Any:
+    """A saved config section re-validated by today's schema: a field added since, at its default, is no change."""
+    from pydantic import ValidationError
+
+    from mlip_fed.model.config import ModelConfig
+
+    schema = {"model": ModelConfig, "data": DataConfig}[section]
+    try:
+        return schema.model_validate(saved).model_dump(mode="json")
+    except ValidationError:
+        return saved
 
 
 def peak_rss_gib() -> float:
@@ -225,6 +238,35 @@ def write_evaluation(result: Any, out_dir: Path, title: str) -> None:
     write_markdown(result, out_dir / "eval.md", title=title)
 
 
+class CheckpointMismatch(ValueError):
+    """A checkpoint's tensors do not fit the configured model; the message is one line naming the first ones."""
+
+
+def state_dict_mismatch(expected: dict[str, Any], found: dict[str, Any], show: int = 3) -> str:
+    """One-line summary of how ``found`` (a checkpoint) differs from ``expected`` (the model); "" if it fits.
+
+    Checked before ``load_state_dict`` because torch reports shape mismatches as one multi-line
+    RuntimeError listing every tensor, which buries which checkpoint and which config disagree.
+    """
+    shapes = [
+        f"{k} {tuple(found[k].shape)} vs {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in found and tuple(found[k].shape) != tuple(v.shape)
+    ]
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    parts = []
+    for what, items in (
+        ("tensors differ in shape (checkpoint vs model)", shapes),
+        ("model tensors missing from the checkpoint", missing),
+        ("checkpoint tensors the model lacks", unexpected),
+    ):
+        if items:
+            more = f", ... {len(items) - show} more" if len(items) > show else ""
+            parts.append(f"{len(items)} {what}: {', '.join(items[:show])}{more}")
+    return "; ".join(parts)
+
+
 def load_model_weights(model: Any, checkpoint: Path) -> None:
     """Load encoder weights from a trainer checkpoint (``model``) or a federation one (``weights``)."""
     if not Path(checkpoint).is_file():
@@ -237,9 +279,7 @@ def load_model_weights(model: Any, checkpoint: Path) -> None:
     if state is None:
         raise ValueError(f"checkpoint {checkpoint} holds neither 'model' nor 'weights'")
     state = {k: torch.as_tensor(v) for k, v in state.items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(
-            f"checkpoint {checkpoint} does not match the configured model: "
-            f"missing {sorted(missing)[:5]}..., unexpected {sorted(unexpected)[:5]}..."
-        )
+    problems = state_dict_mismatch(model.state_dict(), state)
+    if problems:
+        raise CheckpointMismatch(f"checkpoint {checkpoint} does not match the configured model: {problems}")
+    model.load_state_dict(state)

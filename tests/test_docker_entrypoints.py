@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import shlex
 import socket
 import subprocess
 import sys
-from importlib.metadata import version
 from pathlib import Path
 
 import pytest
@@ -72,22 +72,61 @@ def to_host(args: list[str], mapping: dict[str, str]) -> list[str]:
     return out
 
 
+def locked_versions(lock: Path) -> dict[str, str]:
+    """name -> version of every ``name==version`` line in a lock file (names normalised as pip does)."""
+    pins = re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)", lock.read_text(), flags=re.MULTILINE)
+    return {re.sub(r"[-_.]+", "-", name).lower(): v for name, v in pins}
+
+
 @pytest.mark.parametrize("name", ["Dockerfile.server", "Dockerfile.site"])
-def test_pins_match_the_tested_environment_and_user_is_not_root(name: str) -> None:
+def test_image_installs_the_lock_and_user_is_not_root(name: str) -> None:
+    """No version typed in a Dockerfile: it installs the lock file `make venv` installs, hash-checked."""
     steps = instructions(DOCKER / name)
     (base,) = steps["FROM"]
     py = re.fullmatch(r"python:(\d+)\.(\d+)\.\d+-slim-\w+", base)
     assert py, base
     assert (int(py.group(1)), int(py.group(2))) == sys.version_info[:2], f"{name} base {base} vs {sys.version}"
-    pins = dict(re.findall(r"([A-Za-z0-9_.-]+)==([0-9][^\s]*)", " ".join(steps["RUN"])))
-    assert {"torch", "flwr", "monai", "pydantic", "cryptography", "transformers"} <= set(pins), pins
-    for package, pinned in pins.items():
-        installed = version(package).split("+")[0]  # torch's local tag (+cpu) is the wheel index, not the version
-        assert installed == pinned, f"{name}: {package}=={pinned} but .venv has {installed}"
+    runs = " ".join(steps["RUN"])
+    assert not re.findall(r"[A-Za-z0-9_.-]+==\d", runs), f"{name} types a version: {runs}"
+    args = dict(a.split("=", 1) for a in steps["ARG"] if "=" in a)
+    assert (ROOT / args["LOCK"]).is_file(), args["LOCK"]
+    assert "pip install --require-hashes --no-deps ${TORCH_SOURCE} -r /opt/mlip-fed/requirements.lock" in runs
+    assert "pip install --no-deps --no-build-isolation /opt/mlip-fed" in runs
     (user,) = steps["USER"]
     assert user not in {"root", "0"}, f"{name} runs as {user}"
     assert any("useradd" in r and user in r for r in steps["RUN"]), f"{name}: user {user} is never created"
     assert "HEALTHCHECK" in steps, name
+
+
+def test_tested_environment_is_the_cpu_lock() -> None:
+    """The .venv running these tests holds exactly the CPU lock's versions (what the images install)."""
+    from importlib.metadata import distributions
+
+    locked = locked_versions(ROOT / "requirements-cpu.lock")
+    installed = {re.sub(r"[-_.]+", "-", d.metadata["Name"]).lower(): d.version for d in distributions()}
+    installed.pop("mlip-fed", None)
+    differ = {n: (v, installed.get(n)) for n, v in locked.items() if installed.get(n) != v}
+    assert not differ, f"lock vs .venv (locked, installed): {differ}; run make venv"
+    extra = sorted(set(installed) - set(locked) - {"pip"})
+    assert not extra, f"installed but not locked: {extra}"
+
+
+@pytest.mark.parametrize("lock", ["requirements-cpu.lock", "requirements-cuda.lock"])
+def test_lock_satisfies_pyproject(lock: str) -> None:
+    """Every dependency pyproject.toml declares is locked at a version its specifier allows (else: make lock)."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = [*project["dependencies"], *(r for extra in project["optional-dependencies"].values() for r in extra)]
+    locked = locked_versions(ROOT / lock)
+    for text in declared:
+        req = Requirement(text)
+        name = re.sub(r"[-_.]+", "-", req.name).lower()
+        assert name in locked, f"{lock}: {req.name} (pyproject.toml) is not locked; run make lock"
+        assert req.specifier.contains(locked[name], prereleases=True), f"{lock}: {name}=={locked[name]} vs {req}"
+    assert all("--hash=sha256:" in block for block in (ROOT / lock).read_text().split("==")[1:]), f"{lock}: hashes"
 
 
 def test_server_entrypoint_is_superlink_command(tmp_path: Path) -> None:
@@ -106,14 +145,11 @@ def test_server_entrypoint_is_superlink_command(tmp_path: Path) -> None:
     assert entry[entry.index("--port") + 1] == expose
 
 
-def test_site_entrypoint_checks_the_example_site_config(tmp_path: Path) -> None:
-    """ENTRYPOINT + CMD + ``--check`` against docker/site.example.yaml with its mounts mapped onto tmp_path."""
+def prepare_site_mounts(tmp_path: Path) -> list[str]:
+    """The compose mounts of one site (certs, its key, site.yaml, data) laid under tmp_path; returns CMD mapped."""
     from mlip_fed.config import DataConfig, SyntheticDataConfig
     from mlip_fed.pipeline import synthetic_manifests
 
-    steps = instructions(DOCKER / "Dockerfile.site")
-    entry, cmd = exec_form(steps["ENTRYPOINT"][0]), exec_form(steps["CMD"][0])
-    assert entry == ["mlip-client"] and (BIN / "mlip-client").is_file()
     mapping = container_paths(tmp_path)
     example = yaml.safe_load((DOCKER / "site.example.yaml").read_text())
     write_ca(tmp_path / "certs")
@@ -125,7 +161,16 @@ def test_site_entrypoint_checks_the_example_site_config(tmp_path: Path) -> None:
     (tmp_path / "data").symlink_to(manifest.parent)  # compose mounts the site's data folder as /data
     (tmp_path / "config").mkdir()
     (tmp_path / "config" / "site.yaml").write_text(to_host([(DOCKER / "site.example.yaml").read_text()], mapping)[0])
-    args = to_host(cmd, mapping)
+    return to_host(exec_form(instructions(DOCKER / "Dockerfile.site")["CMD"][0]), mapping)
+
+
+def test_site_entrypoint_checks_the_example_site_config(tmp_path: Path) -> None:
+    """ENTRYPOINT + CMD + ``--check`` against docker/site.example.yaml with its mounts mapped onto tmp_path."""
+    steps = instructions(DOCKER / "Dockerfile.site")
+    entry = exec_form(steps["ENTRYPOINT"][0])
+    assert entry == ["mlip-client"] and (BIN / "mlip-client").is_file()
+    example = yaml.safe_load((DOCKER / "site.example.yaml").read_text())
+    args = prepare_site_mounts(tmp_path)
     checked = subprocess.run(
         [str(BIN / entry[0]), *args, "--check", "--no-decode"], capture_output=True, text=True, timeout=120
     )
@@ -169,12 +214,18 @@ def test_compose_mounts_what_the_images_read() -> None:
         assert targets["/certs/site.key"] == f"./certs/sites/{name}.key", name  # each site sees only its own key
         assert all(v.endswith(":ro") for v in services[name]["volumes"] if "/certs/" in v), name
     assert example["superlink"].split(":")[0] == "superlink" and example["superlink"].endswith(":9092")
+    # What a non-root container writes must be a named volume (Docker creates missing bind folders as root).
+    for name, service in services.items():
+        for volume in service["volumes"]:
+            source, target = volume.split(":")[:2]
+            if not volume.endswith(":ro"):
+                assert not source.startswith((".", "/")), f"{name}: writable {target} is a bind mount of {source}"
+                assert source in compose["volumes"], f"{name}: volume {source} is not declared"
 
 
 @pytest.mark.integration
 def test_server_entrypoint_runs_and_its_healthcheck_passes(tmp_path: Path) -> None:
     """The SuperLink started from the ENTRYPOINT (loopback, free port) answers the image's HEALTHCHECK over TLS."""
-    import os
     import signal
     import time
 
@@ -218,3 +269,192 @@ def test_server_entrypoint_runs_and_its_healthcheck_passes(tmp_path: Path) -> No
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         link.wait(timeout=10)
+
+
+# ---------------------------------------------------------------- each image's environment, replayed
+#: The one build argument replaced: the PyTorch CPU index is not reachable here, so pip finds the same torch
+#: wheel through this machine's pip configuration; ``--require-hashes`` proves it is the locked file.
+REPLAY_BUILD_ARGS = {"TORCH_SOURCE": ""}
+#: RUN commands about users and folders, not the Python environment (test_image_installs_the_lock... checks them).
+NOT_REPLAYED = {"useradd", "mkdir", "chown"}
+#: A cache setting, not part of what gets installed; replaying it would re-download every wheel on every run.
+NOT_REPLAYED_ENV = {"PIP_NO_CACHE_DIR"}
+
+
+def ordered_instructions(dockerfile: Path) -> list[tuple[str, str]]:
+    text = re.sub(
+        r"\\\n", " ", "\n".join(line for line in dockerfile.read_text().splitlines() if not line.startswith("#"))
+    )
+    return [(w.upper(), r.strip()) for w, _, r in (line.strip().partition(" ") for line in text.splitlines()) if w]
+
+
+class ReplayedImage:
+    """What a Dockerfile's ARG/ENV/COPY/RUN steps produce, with the container's paths mapped under ``root``."""
+
+    def __init__(self, dockerfile: Path, root: Path, built: dict[tuple, ReplayedImage] | None = None) -> None:
+        """``built``: images already replayed, by their build steps; identical steps share one environment."""
+        steps = ordered_instructions(dockerfile)
+        self.env = {
+            k: v for word, rest in steps if word == "ENV" for k, v in (t.split("=", 1) for t in shlex.split(rest))
+        }
+        key = tuple((word, rest) for word, rest in steps if word in {"ARG", "COPY", "RUN"})
+        twin = (built or {}).get(key)
+        if twin is not None:
+            self.root, self.venv, self.install_log = twin.root, twin.venv, twin.install_log
+            return
+        self.root = root
+        self.venv = root / "venv"
+        self.install_log: list[list[str]] = []
+        subprocess.run([sys.executable, "-m", "venv", str(self.venv)], check=True)
+        args: dict[str, str] = {}
+        for word, rest in steps:
+            if word == "ARG":
+                name, _, default = rest.partition("=")
+                args[name] = REPLAY_BUILD_ARGS.get(name, " ".join(shlex.split(default)))
+            elif word == "COPY":
+                *sources, dest = shlex.split(self.substitute(rest, args))
+                self.copy(sources, dest)
+            elif word == "RUN":
+                for command in self.substitute(rest, args).split("&&"):
+                    self.run(shlex.split(command))
+        if built is not None:
+            built[key] = self
+
+    @property
+    def site_packages(self) -> Path:
+        return self.venv / "lib" / f"python{sys.version_info[0]}.{sys.version_info[1]}" / "site-packages"
+
+    def substitute(self, text: str, args: dict[str, str]) -> str:
+        return re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], text)
+
+    def host(self, container_path: str) -> Path:
+        system = f"/usr/local/lib/python{sys.version_info[0]}.{sys.version_info[1]}/site-packages"
+        if container_path.startswith(system):
+            return self.site_packages / container_path[len(system) :].lstrip("/")
+        return self.root / "fs" / container_path.lstrip("/")
+
+    def copy(self, sources: list[str], dest: str) -> None:
+        import shutil
+
+        target = self.host(dest)
+        for source in sources:
+            src = ROOT / source
+            into = target / src.name if dest.endswith("/") or len(sources) > 1 else target
+            into.parent.mkdir(parents=True, exist_ok=True)
+            if src.is_dir():
+                shutil.copytree(src, into, ignore=shutil.ignore_patterns("__pycache__"))
+            else:
+                shutil.copy2(src, into)
+
+    def run(self, argv: list[str]) -> None:
+        if argv[0] in NOT_REPLAYED:
+            return
+        assert argv[0] in {"pip", "python"}, f"RUN {argv[0]} is neither replayed nor knowingly skipped: {argv}"
+        prefix = [str(self.venv / "bin" / "python")] + (["-m", "pip"] if argv[0] == "pip" else [])
+        mapped = [str(self.host(a)) if a.startswith(("/opt/", "/usr/")) else a for a in argv[1:]]
+        env = {**os.environ, **{k: v for k, v in self.env.items() if k not in NOT_REPLAYED_ENV}}
+        done = subprocess.run([*prefix, *mapped], cwd=self.root, env=env, capture_output=True, text=True)
+        assert done.returncode == 0, f"RUN {' '.join(argv)}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+        self.install_log.append(argv)
+
+    def runtime_env(self, **extra: str) -> dict[str, str]:
+        """The image's ENV, its venv first on PATH, and nothing of the checkout on the import path."""
+        env = {k: v for k, v in os.environ.items() if k not in {"PYTHONPATH", "VIRTUAL_ENV"}}
+        env.update(self.env)
+        env["PATH"] = f"{self.venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"
+        return {**env, **extra}
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, ReplayedImage]:
+    built: dict[tuple, ReplayedImage] = {}  # both images install the same lock the same way: one replay
+    return {
+        name: ReplayedImage(DOCKER / name, tmp_path_factory.mktemp(name.replace(".", "_")), built)
+        for name in ("Dockerfile.server", "Dockerfile.site")
+    }
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("name", ["Dockerfile.server", "Dockerfile.site"])
+def test_image_environment_imports_the_apps(images: dict[str, ReplayedImage], name: str, tmp_path: Path) -> None:
+    """The installed project (not the checkout) imports the ServerApp and ClientApp and all they import."""
+    image = images[name]
+    assert any(a[:2] == ["pip", "install"] and "--require-hashes" in a for a in image.install_log), image.install_log
+    code = "import server.app, client.app, mlip_fed, opacus, PIL; print(mlip_fed.__file__)"
+    done = subprocess.run(
+        [str(image.venv / "bin" / "python"), "-c", code],
+        cwd=tmp_path,
+        env=image.runtime_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert str(image.site_packages) in done.stdout, f"imported from the checkout, not the image: {done.stdout}"
+    checked = subprocess.run(
+        [str(image.venv / "bin" / "python"), "-m", "pip", "check"],
+        env=image.runtime_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert checked.returncode == 0, checked.stdout
+
+
+@pytest.mark.integration
+def test_server_image_entrypoint_and_run_config_paths(images: dict[str, ReplayedImage], tmp_path: Path) -> None:
+    """flower-superlink from the image answers --help; relative run paths land under MLIP_FED_HOME, never in
+    site-packages, and without MLIP_FED_HOME they are refused by name."""
+    image = images["Dockerfile.server"]
+    entry = exec_form(instructions(DOCKER / "Dockerfile.server")["ENTRYPOINT"][0])
+    helped = subprocess.run(
+        [str(image.venv / "bin" / entry[0]), "--help"],
+        cwd=tmp_path,
+        env=image.runtime_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert helped.returncode == 0 and "--enable-supernode-auth" in helped.stdout, helped.stderr[-2000:]
+    assert image.env.get("MLIP_FED_HOME") == "/runs"
+    code = (
+        "from mlip_fed.federation.run_config import experiment_from_run_config as f; r = f({}); "
+        "print(r.output_dir); print(r.cfg.data.root)"
+    )
+    python = str(image.venv / "bin" / "python")
+    home = tmp_path / "runs"
+    ok = subprocess.run(
+        [python, "-c", code],
+        cwd=tmp_path,
+        env=image.runtime_env(MLIP_FED_HOME=str(home)),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    for line in ok.stdout.split():
+        assert line.startswith(str(home)), ok.stdout
+    env = image.runtime_env()
+    env.pop("MLIP_FED_HOME")
+    refused = subprocess.run([python, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0 and "output_dir = " in refused.stderr and "MLIP_FED_HOME" in refused.stderr
+
+
+@pytest.mark.integration
+def test_site_image_entrypoint_checks_decoded_data(images: dict[str, ReplayedImage], tmp_path: Path) -> None:
+    """ENTRYPOINT + CMD + --check from the image's environment, decoding every image (PIL, pydicom)."""
+    image = images["Dockerfile.site"]
+    steps = instructions(DOCKER / "Dockerfile.site")
+    entry = exec_form(steps["ENTRYPOINT"][0])
+    args = prepare_site_mounts(tmp_path)
+    checked = subprocess.run(
+        [str(image.venv / "bin" / entry[0]), *args, "--check"],
+        cwd=tmp_path,
+        env=image.runtime_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    example = yaml.safe_load((DOCKER / "site.example.yaml").read_text())
+    assert f"site {example['site_id']}: config OK" in checked.stdout

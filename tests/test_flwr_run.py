@@ -6,6 +6,10 @@ SuperLink it started is gone afterwards. Sizes are tiny: these test plumbing, no
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -13,7 +17,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from mlip_fed.federation.simulation import run_flwr_simulation, stop_superlink, superlink_pids
+from mlip_fed.federation import venv_defaults
+from mlip_fed.federation.simulation import (
+    free_port,
+    run_flwr_simulation,
+    stop_superlink,
+    superlink_pids,
+    write_run_config,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -123,3 +134,51 @@ def test_kill_after_round_one_then_resume(tmp_path: Path) -> None:
     assert "cannot read checkpoint" in res["failures"][0]["reason"]
     checkpoint = torch.load(output_dir / "checkpoints" / "server_last.pt", weights_only=False)
     assert checkpoint["completed_round"] == num_rounds
+
+
+def test_plain_flwr_run_installs_nothing(tmp_path: Path) -> None:
+    """`.venv/bin/flwr run .` as a researcher types it: no FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION in the
+    environment and the venv's bin not on PATH. The venv's defaults (venv_defaults, written by `make venv`)
+    must keep Flower from creating a per-run uv environment; the run must complete; the local SuperLink
+    that `flwr run` leaves behind is stopped here by PID."""
+    assert venv_defaults.is_installed(), (
+        f"{venv_defaults.pth_path()} is missing or outdated: run `make venv` "
+        "(or `python -m mlip_fed.federation.venv_defaults`)"
+    )
+    flwr_home = (tmp_path / "flwr_home").resolve()
+    output_dir = (tmp_path / "run").resolve()
+    http_port, control_port = free_port(), free_port()
+    bin_dir = str(Path(sys.executable).parent)
+    env = dict(os.environ)
+    env.pop("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", None)
+    env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep) if p != bin_dir)
+    env.update(
+        {
+            "FLWR_HOME": str(flwr_home),
+            "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http_port),
+            "FLWR_LOCAL_CONTROL_API_PORT": str(control_port),
+            "FLWR_TELEMETRY_ENABLED": "0",
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "RAY_USAGE_STATS_ENABLED": "0",
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        }
+    )
+    flwr_home.mkdir()
+    overrides = [*_overrides(tmp_path / "data", 2), "train.num_threads=1"]
+    run_config = write_run_config(tmp_path / "run.toml", "smoke", overrides, output_dir, 1)
+    cmd = [f"{bin_dir}/flwr", "run", ".", "--stream", "--run-config", str(run_config)]
+    cmd += ["--federation-config", "num-supernodes=2 client-resources-num-cpus=1"]
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+        left_running = superlink_pids(flwr_home)
+    finally:
+        stopped = stop_superlink(flwr_home)
+    log = proc.stdout + proc.stderr
+    assert superlink_pids(flwr_home) == [] and stopped  # flwr left it running; we stopped it by PID
+    assert left_running, "expected `flwr run` to leave its local SuperLink running (Flower 1.42 behaviour)"
+    assert proc.returncode == 0, log[-3000:]
+    assert not (flwr_home / "runtime-envs").exists(), "Flower created a per-run runtime environment"
+    assert "uv sync" not in log and "Installing application dependencies" not in log, log[-3000:]
+    results = json.loads((output_dir / "results.json").read_text())  # flwr run exits 0 even for failed runs
+    assert results["status"] == "completed" and results["aggregated_rounds"] == 1, log[-3000:]
+    assert results["failures"] == []

@@ -15,11 +15,12 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from mlip_fed.cli.help_format import HelpFormatter, describe, subparser_options
 from mlip_fed.deploy import certs
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mlip-certs", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="mlip-certs", description=describe(__doc__), formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p: argparse.ArgumentParser) -> None:
@@ -30,17 +31,21 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--dns", nargs="*", default=[], metavar="NAME", help="extra DNS SANs (localhost is always in)")
         p.add_argument("--ip", nargs="*", default=[], metavar="IP", help="extra IP SANs (127.0.0.1 is always in)")
 
-    common(sub.add_parser("ca", help="create the federation's CA (ca.crt, ca.key)"))
-    p = sub.add_parser("superlink", help="the SuperLink's TLS certificate signed by the CA (server.pem, server.key)")
+    common(sub.add_parser("ca", help="create the federation's CA (ca.crt, ca.key)", **subparser_options()))
+    p = sub.add_parser(
+        "superlink",
+        help="the SuperLink's TLS certificate signed by the CA (server.pem, server.key)",
+        **subparser_options(),
+    )
     common(p)
     sans(p)
-    p = sub.add_parser("site", help="EC key pair per site (sites/<id>.key 0600, sites/<id>.pub)")
+    p = sub.add_parser("site", help="EC key pair per site (sites/<id>.key 0600, sites/<id>.pub)", **subparser_options())
     common(p)
-    p.add_argument("site_ids", nargs="+", metavar="SITE_ID")
-    p = sub.add_parser("all", help="CA + SuperLink certificate + site keys in one go")
+    p.add_argument("site_ids", nargs="+", metavar="SITE_ID", help="one key pair per site id")
+    p = sub.add_parser("all", help="CA + SuperLink certificate + site keys in one go", **subparser_options())
     common(p)
     sans(p)
-    p.add_argument("--sites", nargs="+", required=True, metavar="SITE_ID")
+    p.add_argument("--sites", nargs="+", required=True, metavar="SITE_ID", help="one key pair per site id")
     return parser
 
 

@@ -15,11 +15,12 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from mlip_fed.cli.help_format import HelpFormatter, describe
 from mlip_fed.config import ConfigError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mlip-client", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="mlip-client", description=describe(__doc__), formatter_class=HelpFormatter)
     parser.add_argument("--site-config", required=True, type=Path, metavar="SITE.yaml", help="the site's YAML")
     parser.add_argument(
         "--check", action="store_true", help="validate the config and the data (counts, skips), then exit"

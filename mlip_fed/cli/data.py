@@ -10,11 +10,13 @@ import argparse
 import importlib
 import sys
 
+from mlip_fed.cli.help_format import HelpFormatter, describe
+
 SUBCOMMANDS: tuple[str, ...] = ("synth", "label", "check")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mlip-data", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="mlip-data", description=describe(__doc__), formatter_class=HelpFormatter)
     subparsers = parser.add_subparsers(dest="command", required=True)
     for name in SUBCOMMANDS:
         module = importlib.import_module(f"mlip_fed.cli.data_{name}")

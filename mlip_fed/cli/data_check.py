@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
+from mlip_fed.cli.help_format import describe, subparser_options
 from mlip_fed.data.chexpert import POLICIES, read_chexpert
 from mlip_fed.data.dataset import validate_records
 from mlip_fed.data.manifest import read_manifest
@@ -24,7 +25,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "check",
         help="load and decode every study as training would; report what was skipped and why",
-        description=__doc__.splitlines()[0],
+        description=describe(__doc__),
+        **subparser_options(),
     )
     parser.add_argument(
         "--manifest", action="append", default=[], metavar="FILE.csv", help="site manifest (repeatable)"
@@ -35,7 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--chexpert-root", metavar="DIR", help="folder that the CSV's Path column is relative to")
     parser.add_argument("--chexpert-policy", choices=POLICIES, default="keep", help="uncertain-label policy")
     parser.add_argument("--splits", nargs="+", metavar="SPLIT", help="only these splits (train val test)")
-    parser.add_argument("--views", nargs="+", default=["PA", "AP"], help="MIMIC views to keep (default: PA AP)")
+    parser.add_argument("--views", nargs="+", default=["PA", "AP"], help="MIMIC views to keep")
     parser.add_argument("--all-views", action="store_true", help="keep every view (MIMIC and CheXpert)")
     parser.add_argument("--no-decode", action="store_true", help="skip decoding images (only check files exist)")
     parser.set_defaults(func=run)

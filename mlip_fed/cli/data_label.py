@@ -12,6 +12,7 @@ import io
 import math
 from pathlib import Path
 
+from mlip_fed.cli.help_format import describe, subparser_options
 from mlip_fed.io import atomic_write_text
 from mlip_fed.knowledge.kb import CHEXPERT_CATEGORIES
 
@@ -20,7 +21,12 @@ _EMPTY_CELLS = frozenset({"", "none", "nan", "null"})
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("label", help="label reports with the CheXpert-compatible labeler")
+    parser = subparsers.add_parser(
+        "label",
+        help="label reports with the CheXpert-compatible labeler",
+        description=describe(__doc__),
+        **subparser_options(),
+    )
     parser.add_argument("--reports", required=True, type=Path, help="CSV file with one report per row")
     parser.add_argument(
         "--text-columns",

@@ -10,6 +10,7 @@ import csv
 import time
 from pathlib import Path
 
+from mlip_fed.cli.help_format import describe, subparser_options
 from mlip_fed.data.synthetic import generate_federation
 from mlip_fed.knowledge.kb import CHEXPERT_CATEGORIES
 
@@ -28,12 +29,14 @@ def _sizes(text: str) -> int | list[int]:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("synth", help="write a SynthCXR federation", description=__doc__.splitlines()[0])
+    parser = subparsers.add_parser(
+        "synth", help="write a SynthCXR federation", description=describe(__doc__), **subparser_options()
+    )
     parser.add_argument("--out", type=Path, required=True, help="output folder (site_<k>/ beneath it)")
-    parser.add_argument("--sites", type=int, default=3)
+    parser.add_argument("--sites", type=int, default=3, help="number of simulated hospitals")
     parser.add_argument("--studies-per-site", type=_sizes, default=200, help="N, or N1,N2,... per site")
-    parser.add_argument("--image-size", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--image-size", type=int, default=64, help="side of the square images, in pixels")
+    parser.add_argument("--seed", type=int, default=0, help="random seed; the same seed writes byte-identical files")
     parser.add_argument("--dirichlet-alpha", type=float, default=None, help="label skew across sites")
     parser.add_argument("--test-fraction", type=float, default=0.2, help="fraction of patients in test")
     parser.set_defaults(func=run)

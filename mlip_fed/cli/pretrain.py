@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from mlip_fed.cli.help_format import HelpFormatter
 from mlip_fed.config import ConfigError, ExperimentConfig
 
 
@@ -21,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mlip-pretrain",
         description="Centralized MLIP pretraining. Positional arguments are hydra overrides (key=value).",
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("overrides", nargs="*", help="hydra overrides, e.g. experiment=synth_cpu train.epochs=2")
     parser.add_argument("--print-config", action="store_true", help="print the validated config and exit")
@@ -57,21 +59,25 @@ def main(argv: list[str] | None = None) -> int:
 def run_pretraining(cfg: ExperimentConfig, *, evaluate: bool = True) -> dict[str, Any]:
     """Train centrally on every site's records pooled; return a summary (and write it to output_dir)."""
     from mlip_fed import pipeline
+    from mlip_fed.cli.checkpoint_config import SAVED_CONFIG_NAME
     from mlip_fed.io import atomic_write_json
     from mlip_fed.train.trainer import LocalTrainer
 
     pipeline.configure_threads(cfg)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    # The model first: pretrained weights are read, converted and checked before any data is.
+    model = pipeline.build_model(cfg)
+    for report in model.weight_reports:
+        print(f"weights: {report.summary()}")
     data = pipeline.load_records(cfg.data)
     print(f"data: {len(data.train)} train / {len(data.test)} test studies ({data.name})\n{data.skips.summary()}")
-    model = pipeline.build_model(cfg)
     collator = pipeline.build_collator(model, cfg)
     loader = pipeline.train_loader(pipeline.train_dataset(data.train, cfg), collator, cfg)
     total_steps = cfg.train.max_steps or cfg.train.epochs * pipeline.steps_per_epoch(len(data.train), cfg)
     trainer = LocalTrainer(model, cfg.train, total_steps=total_steps, output_dir=out)
     checkpoint = out / "checkpoint.pt"
-    config_file = out / "config.json"
+    config_file = out / SAVED_CONFIG_NAME  # what mlip-eval --checkpoint reads back
     if cfg.train.resume and checkpoint.is_file():
         pipeline.check_resumable(config_file, cfg)
         trainer.load_checkpoint(checkpoint)
@@ -103,11 +109,14 @@ def run_pretraining(cfg: ExperimentConfig, *, evaluate: bool = True) -> dict[str
         ),
         "skipped_images": dict(data.skips.skipped) | dict(loader.dataset.skips.skipped),
         "peak_rss_gib": pipeline.peak_rss_gib(),
+        "pretrained_weights": [report.as_dict() for report in model.weight_reports],
     }
     if evaluate and data.test:
         evaluation = pipeline.evaluate_model(model, data, cfg)
         pipeline.write_evaluation(evaluation, out, title=f"{cfg.name}: frozen-encoder evaluation")
         result["eval"] = evaluation.flat_metrics()
+        if evaluation.not_computed():  # e.g. too few positives for the probe: reported, not fatal
+            result["eval_not_computed"] = evaluation.not_computed()
     atomic_write_json(out / "pretrain_summary.json", result)
     return result
 

@@ -1,6 +1,6 @@
 """``mlip-privacy``: a privacy officer's view of a site's ledger, and the one-run empirical audit.
 
-    mlip-privacy audit --ledger site.db [--format text|json|html] [--out FILE]
+    mlip-privacy audit --ledger <state_dir>/privacy_ledger.sqlite [--format text|json|html] [--out FILE]
     mlip-privacy canary-audit --scores scores.csv --k-plus 50 [--k-minus 50] [--delta 1e-5] [--claimed-epsilon 8]
     mlip-privacy canary-run --out DIR [--canary-kind gradient|input] [--canaries 1000 --steps 30 --sample-rate 1]
                             [--noise-off --i-know-noise-is-off]
@@ -20,7 +20,9 @@ import json
 import sys
 from pathlib import Path
 
+from mlip_fed.cli.help_format import HelpFormatter, describe, subparser_options
 from mlip_fed.io import atomic_write_text
+from mlip_fed.privacy.ledger import LEDGER_FILENAME
 
 #: Gradient canaries are cheap (one coordinate each) and m = 1000 lets a perfect guesser reach eps ~ 5; every
 #: input canary is a training image, so fewer.
@@ -108,19 +110,23 @@ def _canary_run(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mlip-privacy", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="mlip-privacy", description=describe(__doc__), formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    audit = sub.add_parser("audit", help="audit report of a site's privacy ledger")
-    audit.add_argument("--ledger", required=True, help="the site's SQLite ledger (site.db)")
-    audit.add_argument("--format", choices=("text", "json", "html"), default="text")
+    audit = sub.add_parser("audit", help="audit report of a site's privacy ledger", **subparser_options())
+    audit.add_argument("--ledger", required=True, help=f"the site's SQLite ledger (<state_dir>/{LEDGER_FILENAME})")
+    audit.add_argument(
+        "--format", choices=("text", "json", "html"), default="text", help="report format (html: one standalone page)"
+    )
     audit.add_argument("--out", help="write here instead of stdout")
     audit.set_defaults(func=_audit)
-    canary = sub.add_parser("canary-audit", help="one-run epsilon lower bound from canary scores")
+    canary = sub.add_parser(
+        "canary-audit", help="one-run epsilon lower bound from canary scores", **subparser_options()
+    )
     canary.add_argument("--scores", required=True, help="CSV with columns score, included")
     canary.add_argument("--k-plus", type=int, required=True, help="guess 'in' for this many top scores")
     canary.add_argument("--k-minus", type=int, default=0, help="guess 'out' for this many bottom scores")
-    canary.add_argument("--delta", type=float, default=1e-5)
-    canary.add_argument("--significance", type=float, default=0.05)
+    canary.add_argument("--delta", type=float, default=1e-5, help="delta of the (epsilon, delta) lower bound")
+    canary.add_argument("--significance", type=float, default=0.05, help="1 - confidence of the lower bound")
     canary.add_argument("--claimed-epsilon", type=float, help="exit 1 if the lower bound exceeds it")
     canary.set_defaults(func=_canary)
     run = sub.add_parser(
@@ -128,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="insert canaries, train with the configured DP, score them, report an epsilon lower bound",
         description="End-to-end one-run audit (Steinke, Nasr, Jagielski 2023) on a SynthCXR (or manifest) site. "
         "Positional arguments are hydra overrides; the privacy group must be a DP mechanism.",
+        **subparser_options(),
     )
     run.add_argument("overrides", nargs="*", help="hydra overrides, e.g. experiment=smoke privacy=bucketed")
     run.add_argument("--out", required=True, help="directory for canaries.csv, report.json/txt and canary images")
@@ -149,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--k-minus", type=int, help="guess 'out' for this many bottom scores (default m/4 gradient, m/8 input)"
     )
     run.add_argument("--significance", type=float, default=0.05, help="1 - confidence of the lower bound")
-    run.add_argument("--format", choices=("text", "json"), default="text")
+    run.add_argument("--format", choices=("text", "json"), default="text", help="what is printed to stdout")
     run.add_argument("--progress", action="store_true", help="show a progress bar")
     run.add_argument(
         "--noise-off",

@@ -14,16 +14,23 @@ import argparse
 import sys
 from pathlib import Path
 
+from mlip_fed.cli.help_format import HelpFormatter, describe
+
 REPO = Path(__file__).resolve().parents[2]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mlip-simulate", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="mlip-simulate", description=describe(__doc__), formatter_class=HelpFormatter)
     parser.add_argument("overrides", nargs="*", help="hydra overrides (experiment=..., federation.*=..., ...)")
     parser.add_argument("--sites", type=int, default=3, help="number of simulated hospitals (SuperNodes)")
     parser.add_argument("--rounds", type=int, default=0, help="0 = federation.num_rounds from the config")
     parser.add_argument("--out", type=Path, required=True, help="output folder (results.json, plot, checkpoints)")
-    parser.add_argument("--cpus-per-site", type=int, default=1)
+    parser.add_argument(
+        "--cpus-per-site",
+        type=int,
+        default=1,
+        help="CPU cores (Ray resources and torch threads) for each site's ClientApp",
+    )
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds before the run is stopped")
     parser.add_argument("--app-dir", type=Path, default=REPO, help="the Flower app (this checkout)")
     return parser

@@ -7,7 +7,8 @@ vocabulary is part of the model every site shares, and word pieces learned from 
 reports would leak its rare terms (names, places, unusual findings) to every other site and to
 anyone holding the weights. Regenerate with ``python -m mlip_fed.data.tokenizer [out_path]``.
 
-A local BERT checkpoint directory (e.g. Bio_ClinicalBERT) brings its own tokenizer instead.
+A pretrained text model (a local folder or a hub id in the local Hugging Face cache, e.g.
+Bio_ClinicalBERT) brings its own tokenizer instead.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 
 from transformers import AutoTokenizer, BertTokenizerFast, PreTrainedTokenizerBase
 
+from mlip_fed.hf_cache import hub_snapshot, looks_like_hub_id
 from mlip_fed.knowledge.kb import KnowledgeBase, load_knowledge_base
 
 DEFAULT_VOCAB_FILE = "vocab.txt"
@@ -140,8 +142,12 @@ def build_vocab(out_path: str | Path, *, vocab_size: int = DEFAULT_VOCAB_SIZE, e
     return out
 
 
-def load_tokenizer(vocab_path: str | Path | None = None) -> PreTrainedTokenizerBase:
-    """The packaged tokenizer, a ``vocab.txt`` file, or the tokenizer of a local checkpoint directory."""
+def load_tokenizer(vocab_path: str | Path | None = None, *, field: str = "tokenizer") -> PreTrainedTokenizerBase:
+    """The packaged tokenizer, a ``vocab.txt`` file, or the tokenizer of a checkpoint folder or cached hub id.
+
+    A hub id (``org/name``) is looked up in the local Hugging Face cache only; ``field`` names the config key
+    in the error when it is not there.
+    """
     if vocab_path is None:
         path = Path(str(resources.files("mlip_fed.data").joinpath(DEFAULT_VOCAB_FILE)))
         if not path.is_file():
@@ -150,6 +156,8 @@ def load_tokenizer(vocab_path: str | Path | None = None) -> PreTrainedTokenizerB
             )
     else:
         path = Path(vocab_path)
+        if not path.exists() and looks_like_hub_id(str(vocab_path)):
+            path = hub_snapshot(str(vocab_path), field=field)
     if path.is_dir():
         return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     if not path.is_file():

@@ -16,10 +16,14 @@ from pydantic import ValidationError
 
 from mlip_fed.config import ConfigError, ExperimentConfig, SiteConfig, format_validation_error
 from mlip_fed.data.records import SkipReport, StudyRecord
+from mlip_fed.hf_cache import WeightsNotFound, looks_like_hub_id, resolve_weights_location
+from mlip_fed.model.config import ModelConfig
 
 #: Path fields of the site YAML, resolved against the YAML's folder (a site config is usually moved with its files).
 _TOP_PATHS = ("root_certificates", "auth_private_key", "auth_public_key", "state_dir")
 _DATA_PATHS = ("root", "manifest", "reports_root")
+#: A local path (resolved like the above) or a hub id (``org/name``, looked up in the local Hugging Face cache).
+_WEIGHT_FIELDS = ("image_weights", "text_weights")
 
 
 def load_site_config(path: str | Path) -> SiteConfig:
@@ -51,7 +55,15 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
             return str(candidate if candidate.is_absolute() else (base / candidate).resolve())
         return value
 
-    out = {k: (resolve(v) if k in _TOP_PATHS else v) for k, v in raw.items()}
+    def resolve_weights(value: Any) -> Any:
+        if not isinstance(value, str) or not value or Path(value).expanduser().is_absolute():
+            return value
+        local = (base / Path(value).expanduser()).resolve()
+        return str(local) if local.exists() or not looks_like_hub_id(value) else value
+
+    out = {
+        k: (resolve(v) if k in _TOP_PATHS else resolve_weights(v) if k in _WEIGHT_FIELDS else v) for k, v in raw.items()
+    }
     if isinstance(out.get("data"), dict):
         out["data"] = {k: (resolve(v) if k in _DATA_PATHS else v) for k, v in out["data"].items()}
     return out
@@ -78,6 +90,13 @@ def _file_problems(site: SiteConfig) -> list[str]:
         problems.append(f"  data.root = {str(data.root)!r}: folder not found (MIMIC-CXR-JPG root)")
     if site.state_dir.exists() and not site.state_dir.is_dir():
         problems.append(f"  state_dir = {str(site.state_dir)!r}: exists and is not a folder")
+    for name in _WEIGHT_FIELDS:
+        value = getattr(site, name)
+        if value is not None:
+            try:
+                resolve_weights_location(value, field=name)
+            except WeightsNotFound as err:
+                problems.append(f"  {err}")
     return problems
 
 
@@ -85,7 +104,8 @@ def site_experiment(site: SiteConfig, cfg: ExperimentConfig) -> ExperimentConfig
     """The server's experiment as this site runs it: the site's data, device, threads and privacy policy win.
 
     The server chooses the model and the schedule; it cannot choose the site's data or loosen its
-    policy (DESIGN.md, invariant 3), so those fields come from the site YAML only. The data's image
+    policy (DESIGN.md, invariant 3), so those fields come from the site YAML only. Where the model's
+    pretrained weights live at this site may differ too (``site_model``). The data's image
     size must match the server's model, which is checked here rather than in round 1.
     """
     data = site.data
@@ -95,7 +115,33 @@ def site_experiment(site: SiteConfig, cfg: ExperimentConfig) -> ExperimentConfig
             f"data.image_size={cfg.data.image_size}; set data.image_size: {cfg.data.image_size} in the site YAML"
         )
     train = cfg.train.model_copy(update={"device": site.device, "num_threads": site.resources.num_threads})
-    return cfg.model_copy(update={"data": data, "privacy": site.privacy, "train": train})
+    # The server's output_dir is a path on the server; everything this site writes goes to its state_dir.
+    update = {"data": data, "privacy": site.privacy, "train": train, "output_dir": site.state_dir}
+    return cfg.model_copy(update=update | {"model": site_model(site, cfg)})
+
+
+def site_model(site: SiteConfig, cfg: ExperimentConfig) -> ModelConfig:
+    """The server's model config with this site's own weight locations (``image_weights``, ``text_weights``).
+
+    Only a path the server's experiment uses can be overridden: a site's text checkpoint under a server that
+    trains its text tower from scratch would build another architecture and fail in round 1.
+    """
+    model = cfg.model
+    overrides = (
+        ("image_weights", "image", "pretrained_path", site.image_weights),
+        ("text_weights", "text", "checkpoint_dir", site.text_weights),
+    )
+    for name, tower, key, value in overrides:
+        if value is None:
+            continue
+        if getattr(getattr(model, tower), key) is None:
+            raise ConfigError(
+                f"site {site.site_id}: {name}={value!r} but the server's experiment sets no model.{tower}.{key} "
+                f"(the {tower} tower starts from scratch); remove {name} from the site YAML"
+            )
+        part = getattr(model, tower).model_copy(update={key: value})
+        model = model.model_copy(update={tower: part})
+    return model
 
 
 # ---------------------------------------------------------------------------- --check

@@ -14,10 +14,15 @@ split, AUROC on the test split. Conventions, stated once here:
 * **AUROC** of a class whose test labels are all one value is undefined: it is reported as NaN and
   excluded from the macro average. A class that cannot be fitted (one label value in the train subset)
   is reported as NaN with the reason in ``skipped``.
+* **Too few positives.** By default a class needs ``min_count`` positives and negatives in the train
+  split; the others are listed in ``excluded`` with their counts and a warning is logged. When no class
+  qualifies (a small or skewed site), the probe is *not computed* (``not_computed`` says why) instead of
+  failing: the rest of the evaluation (retrieval, zero-shot) still stands.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 from collections.abc import Sequence
@@ -29,6 +34,8 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, PlainSerializer
 from torch import Tensor
 
 from mlip_fed.knowledge.kb import CHEXPERT_CATEGORIES
+
+log = logging.getLogger(__name__)
 
 UncertaintyPolicy = Literal["u_ones", "u_zeros", "mgca"]
 
@@ -82,6 +89,17 @@ def default_classes(binary_labels: Tensor, min_count: int = 5) -> list[str]:
     pos = binary_labels.sum(0)
     neg = binary_labels.shape[0] - pos
     return [c for i, c in enumerate(CHEXPERT_CATEGORIES) if pos[i] >= min_count and neg[i] >= min_count]
+
+
+def class_exclusions(binary_labels: Tensor, min_count: int = 5) -> dict[str, str]:
+    """Classes ``default_classes`` leaves out, each with its train-split counts (the reason it was left out)."""
+    pos = binary_labels.sum(0)
+    neg = binary_labels.shape[0] - pos
+    return {
+        c: f"{int(pos[i])} positives / {int(neg[i])} negatives in the train split (needs {min_count} of each)"
+        for i, c in enumerate(CHEXPERT_CATEGORIES)
+        if pos[i] < min_count or neg[i] < min_count
+    }
 
 
 def binary_auroc(scores: Tensor | np.ndarray, targets: Tensor | np.ndarray) -> float:
@@ -155,6 +173,10 @@ class LinearProbeResult(BaseModel):
     policy: str
     seed: int
     fractions: list[ProbeFractionResult]
+    #: Classes left out before fitting (too few positives or negatives in the train split) → why.
+    excluded: dict[str, str] = {}
+    #: Why no probe was fitted at all (no class qualified); None when the probe ran.
+    not_computed: str | None = None
 
 
 def _standardize(train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -226,10 +248,13 @@ def run_linear_probe(
         raise ValueError("features and labels differ in number of rows")
     y_train_all = binarize_labels(train_labels, policy)
     y_test_all = binarize_labels(test_labels, policy)
+    excluded: dict[str, str] = {}
     if classes is None:
         classes = default_classes(y_train_all, min_count)
+        excluded = class_exclusions(y_train_all, min_count)
         if not classes:
-            raise ValueError(f"no class has {min_count} positives and negatives in the train split; pass classes")
+            return _not_computed(excluded, y_train_all.shape[0], min_count, policy, seed)
+        _warn_excluded(excluded, min_count)
     cols = class_indices(classes)
     x_train_all = train_features.double().numpy()
     x_test_raw = test_features.double().numpy()
@@ -265,4 +290,23 @@ def run_linear_probe(
                 C=chosen_c,
             )
         )
-    return LinearProbeResult(classes=list(classes), policy=policy, seed=seed, fractions=results)
+    return LinearProbeResult(classes=list(classes), policy=policy, seed=seed, fractions=results, excluded=excluded)
+
+
+def _not_computed(excluded: dict[str, str], n_train: int, min_count: int, policy: str, seed: int) -> LinearProbeResult:
+    """No class qualifies: say so (warning and result) rather than fail the evaluation it is part of."""
+    reason = f"no class has {min_count} positives and {min_count} negatives among the {n_train} train studies"
+    log.warning("linear probe not computed: %s", reason)
+    return LinearProbeResult(classes=[], policy=policy, seed=seed, fractions=[], excluded=excluded, not_computed=reason)
+
+
+def _warn_excluded(excluded: dict[str, str], min_count: int) -> None:
+    """One warning line: a probe over fewer classes than expected should not pass unnoticed."""
+    if excluded:
+        log.warning(
+            "linear probe: %d of %d classes skipped (fewer than %d train positives or negatives): %s",
+            len(excluded),
+            len(CHEXPERT_CATEGORIES),
+            min_count,
+            ", ".join(excluded),
+        )

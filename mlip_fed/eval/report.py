@@ -131,6 +131,12 @@ class EvalResult(BaseModel):
             out["segmentation/mean_dice_positive"] = self.segmentation.mean_dice_positive
         return out
 
+    def not_computed(self) -> dict[str, str]:
+        """Enabled evaluators that produced no metric, with the reason (absent from ``flat_metrics``)."""
+        if self.linear_probe is not None and self.linear_probe.not_computed is not None:
+            return {"linear_probe": self.linear_probe.not_computed}
+        return {}
+
 
 def _model_device(model: ImageTextEncoder) -> torch.device:
     parameters = getattr(model, "parameters", None)
@@ -286,14 +292,8 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
 def to_markdown(result: EvalResult, title: str = "Evaluation") -> str:
     """Markdown tables, one section per evaluator that ran; ``n/a`` marks an undefined metric."""
     lines = [f"# {title}", "", f"train n = {result.n_train}, test n = {result.n_test}, seed = {result.seed}", ""]
-    lp = result.linear_probe
-    if lp is not None:
-        header = ["class", *(f"AUROC @ {fr.fraction:g} (n={fr.n_train})" for fr in lp.fractions)]
-        rows = [[c, *(_fmt(fr.per_class[c]) for fr in lp.fractions)] for c in lp.classes]
-        rows.append(["**macro**", *(f"**{_fmt(fr.macro_auroc)}**" for fr in lp.fractions)])
-        lines += [f"## Linear probe (policy {lp.policy})", "", *_table(header, rows), ""]
-        notes = sorted({f"{c} @ {fr.fraction:g}: {why}" for fr in lp.fractions for c, why in fr.skipped.items()})
-        lines += [*(f"- excluded {n}" for n in notes), *([""] if notes else [])]
+    if result.linear_probe is not None:
+        lines += _linear_probe_markdown(result.linear_probe)
     zs = result.zero_shot
     if zs is not None:
         rows = [[c, _fmt(zs.per_class[c])] for c in zs.classes]
@@ -321,6 +321,23 @@ def to_markdown(result: EvalResult, title: str = "Evaluation") -> str:
             "",
         ]
     return "\n".join(lines)
+
+
+def _linear_probe_markdown(lp: LinearProbeResult) -> list[str]:
+    """The probe's table; classes left out for too few positives are rows marked ``skipped``, not silently absent."""
+    lines = [f"## Linear probe (policy {lp.policy})", ""]
+    if lp.not_computed is not None:
+        lines += [f"Not computed: {lp.not_computed}.", ""]
+        header = ["class", "status"]
+        return [*lines, *_table(header, [[c, f"skipped: {why}"] for c, why in lp.excluded.items()]), ""]
+    header = ["class", *(f"AUROC @ {fr.fraction:g} (n={fr.n_train})" for fr in lp.fractions)]
+    rows = [[c, *(_fmt(fr.per_class[c]) for fr in lp.fractions)] for c in lp.classes]
+    rows += [[c, *("skipped" for _ in lp.fractions)] for c in lp.excluded]
+    rows.append(["**macro**", *(f"**{_fmt(fr.macro_auroc)}**" for fr in lp.fractions)])
+    lines += [*_table(header, rows), ""]
+    notes = sorted({f"{c} @ {fr.fraction:g}: {why}" for fr in lp.fractions for c, why in fr.skipped.items()})
+    notes = [f"- excluded {n}" for n in notes] + [f"- skipped {c}: {why}" for c, why in lp.excluded.items()]
+    return [*lines, *notes, *([""] if notes else [])]
 
 
 def write_markdown(result: EvalResult, path: str | Path, title: str = "Evaluation") -> Path:

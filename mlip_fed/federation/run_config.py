@@ -2,12 +2,16 @@
 
 Flower's run config stays small: an experiment name, a hydra override string, a round count and an
 output dir. Everything else is composed by hydra and validated by pydantic, exactly as for
-``mlip-pretrain``. Relative paths are resolved against the project root (the directory holding
-``configs/``), never against the ServerApp's working directory, which is the SuperLink's.
+``mlip-pretrain``. Relative paths are resolved against the project root (the checkout holding
+``configs/``), never against the ServerApp's working directory, which is the SuperLink's. An installed
+package (a Docker image, a wheel) has no checkout: there relative paths resolve against
+``$MLIP_FED_HOME``, and without it they are refused, because the only other anchor would be
+``site-packages``.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,19 +32,40 @@ class FederationRun:
     overrides: tuple[str, ...]
 
 
-def project_root() -> Path:
+#: Anchor for relative output/data paths when mlip-fed runs from an installed package.
+HOME_ENV_VAR = "MLIP_FED_HOME"
+
+
+def project_root() -> Path | None:
+    """``$MLIP_FED_HOME``, else the checkout holding ``configs/``; None for an installed package without it."""
     from mlip_fed.cli.hydra_config import config_dir
 
-    return config_dir().resolve().parent
+    home = os.environ.get(HOME_ENV_VAR, "").strip()
+    if home:
+        return Path(home).expanduser().resolve()
+    configs = config_dir().resolve()
+    return configs.parent if configs.name == "configs" and (configs.parent / "pyproject.toml").is_file() else None
 
 
-def resolve_path(path: Path | str, root: Path | None = None) -> Path:
+def resolve_path(path: Path | str, root: Path | None = None, field: str = "path") -> Path:
     path = Path(path).expanduser()
-    return path if path.is_absolute() else ((root or project_root()) / path).resolve()
+    if path.is_absolute():
+        return path
+    root = root or project_root()
+    if root is None:
+        raise ConfigError(
+            f"{field} = {str(path)!r} is relative and mlip-fed runs from an installed package (no checkout): "
+            f"give an absolute path or set {HOME_ENV_VAR} to the folder relative paths should resolve against"
+        )
+    return (root / path).resolve()
 
 
-def experiment_from_run_config(run_config: Mapping[str, object]) -> FederationRun:
-    """Compose and validate; a bad value raises ConfigError naming the run-config key or config field."""
+def experiment_from_run_config(run_config: Mapping[str, object], *, resolve_paths: bool = True) -> FederationRun:
+    """Compose and validate; a bad value raises ConfigError naming the run-config key or config field.
+
+    A deployed site passes ``resolve_paths=False``: the server's output and data folders mean nothing
+    there (the site YAML names its own), so they are neither resolved nor refused.
+    """
     from mlip_fed.cli.hydra_config import compose_experiment, split_overrides
 
     unknown = sorted(set(run_config) - set(RUN_CONFIG_KEYS))
@@ -56,12 +81,16 @@ def experiment_from_run_config(run_config: Mapping[str, object]) -> FederationRu
     if output_text:
         overrides.append(f"output_dir={output_text}")
     cfg = compose_experiment(overrides)
+    num_rounds = rounds_raw or cfg.federation.num_rounds
+    if not resolve_paths:
+        return FederationRun(
+            cfg=cfg, num_rounds=num_rounds, output_dir=Path(cfg.output_dir), overrides=tuple(overrides)
+        )
     root = project_root()
     cfg = cfg.model_copy(
         update={
-            "output_dir": resolve_path(cfg.output_dir, root),
-            "data": cfg.data.model_copy(update={"root": resolve_path(cfg.data.root, root)}),
+            "output_dir": resolve_path(cfg.output_dir, root, "output_dir"),
+            "data": cfg.data.model_copy(update={"root": resolve_path(cfg.data.root, root, "data.root")}),
         }
     )
-    num_rounds = rounds_raw or cfg.federation.num_rounds
     return FederationRun(cfg=cfg, num_rounds=num_rounds, output_dir=Path(cfg.output_dir), overrides=tuple(overrides))

@@ -27,11 +27,12 @@ from mlip_fed.federation.aggregate import BANK_STAT_KEYS
 from mlip_fed.federation.payload import RoundRequest, SiteUpdate
 from mlip_fed.io import append_jsonl
 from mlip_fed.model.objectives.prototype_bank import PrototypeBank
+from mlip_fed.privacy.ledger import LEDGER_FILENAME
 from mlip_fed.train.trainer import GradientFn, LocalTrainer, standard_gradient
 
 TRAINER_CHECKPOINT = "trainer_round_{:04d}.pt"
 #: The site's privacy ledger, in its state dir: it outlives rounds, runs and restarts.
-PRIVACY_LEDGER = "privacy_ledger.sqlite"
+PRIVACY_LEDGER = LEDGER_FILENAME
 #: Ledger meta key holding, per run id, the noise multiplier calibrated once for that run's whole schedule.
 CALIBRATION_META = "calibration"
 
@@ -164,11 +165,14 @@ class SiteRuntime:
         self.log = log
         if cfg.train.num_threads:
             torch.set_num_threads(cfg.train.num_threads)
+        # The model first: pretrained weights (the site's own copy, see SiteConfig) are checked before any data.
+        self.model = build_model(cfg)
+        for report in self.model.weight_reports:
+            log(f"[{self.site_id}] weights: {report.summary()}")
         data = load_records(cfg.data, site_index)
         if data.skips.total_skipped:
             log(f"[{self.site_id}] skipped records:\n{data.skips.summary()}")
         self.num_train = len(data.train)
-        self.model = build_model(cfg)
         collator = build_collator(self.model, cfg)
         self.collator = collator
         self.train_data = train_dataset(data.train, cfg)

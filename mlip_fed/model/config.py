@@ -23,11 +23,21 @@ class ImageEncoderConfig(_Strict):
     image_size: int = Field(default=64, ge=16)
     #: ViT patch size; ignored by the ResNets (their patch grid comes from layer3).
     patch_size: int = Field(default=8, ge=2)
-    #: Local ``state_dict`` file for the backbone. Never downloaded.
+    #: Backbone weights: a ``.pt``/``.pth``/``.bin``/``.safetensors`` file, a model folder, or a hub id
+    #: (``timm/vit_base_patch16_224.augreg_in21k``) found in the local Hugging Face cache. Never downloaded.
     pretrained_path: str | None = None
-    #: Strict loading catches a checkpoint for the wrong architecture; set False only for partial inits
-    #: (the missing and unexpected keys are then logged, never ignored silently).
+    #: Key layout of that file: ``auto`` tells them apart by key names; ``native`` is this tower's own
+    #: ``state_dict``; ``timm`` / ``torchvision`` are their ViT-B/16 and ResNet-50 layouts (docs/pretrained_weights.md).
+    pretrained_format: Literal["auto", "native", "timm", "torchvision"] = "auto"
+    #: Strict: every tensor of the tower loaded and no checkpoint tensor left unused (classifier heads and
+    #: BatchNorm statistics are dropped on purpose and do not count). False accepts a partial load of at least
+    #: ``pretrained_min_loaded``; anything less is refused at start-up, never a warning.
     pretrained_strict: bool = True
+    #: Smallest share of the tower's tensors that must come from the checkpoint when ``pretrained_strict=false``.
+    pretrained_min_loaded: float = Field(default=0.9, ge=0.0, le=1.0)
+    #: Bias on the ViT's fused qkv projection. timm's and torchvision's ViT-B/16 have one (``vit_b16.yaml`` sets
+    #: it); the from-scratch CPU tower does not (MONAI's default).
+    qkv_bias: bool = False
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
     #: ViT global feature: mean of the patch tokens or the [CLS] token. A randomly initialised [CLS] output
     #: is nearly the same for every image, which stalls contrastive training from scratch; mean pooling does
@@ -44,11 +54,14 @@ class ImageEncoderConfig(_Strict):
 
 
 class TextEncoderConfig(_Strict):
-    #: Local BERT checkpoint directory (e.g. Bio_ClinicalBERT); loaded with ``local_files_only=True`` together
-    #: with its own tokenizer. None builds a small BERT from the sizes below and the packaged vocabulary.
+    #: Pretrained text model: a local model folder or a hub id (``emilyalsentzer/Bio_ClinicalBERT``) found in the
+    #: local Hugging Face cache; any ``AutoModel`` that returns token states, loaded with ``local_files_only=True``
+    #: together with its own tokenizer. None builds a small BERT from the sizes below and the packaged vocabulary.
     checkpoint_dir: str | None = None
     #: Use only the first N layers of a checkpoint (MGCA keeps 6 of Bio_ClinicalBERT's 12). None keeps all.
     checkpoint_layers: int | None = Field(default=None, ge=1)
+    #: Smallest share of the text model's tensors that must come from the checkpoint; less is refused at start-up.
+    checkpoint_min_loaded: float = Field(default=0.9, ge=0.0, le=1.0)
     #: Vocabulary file for the from-scratch tower; None = the packaged public-text vocabulary.
     vocab_path: str | None = None
     num_layers: int = Field(default=4, ge=1)

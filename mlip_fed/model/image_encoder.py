@@ -9,11 +9,10 @@ positional input is the activation (Opacus' functorch fallback needs that).
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass
 from functools import reduce
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from monai.networks.nets import ViT
@@ -22,7 +21,8 @@ from torch import nn
 
 from mlip_fed.model.config import ImageEncoderConfig
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from mlip_fed.model.pretrained_weights import WeightLoadReport
 
 #: (hidden, mlp, layers, heads) per ViT preset.
 _VIT_PRESETS: dict[str, tuple[int, int, int, int]] = {
@@ -62,6 +62,9 @@ class _ClsToken(nn.Module):
 class ViTImageEncoder(nn.Module):
     """MONAI ViT with a [CLS] token; CLS = global feature, the rest = patch grid."""
 
+    #: What ``build_image_encoder`` loaded into this tower (None: random init).
+    load_report: WeightLoadReport | None = None
+
     def __init__(self, cfg: ImageEncoderConfig) -> None:
         super().__init__()
         hidden, mlp, layers, heads = _VIT_PRESETS[cfg.arch]
@@ -77,6 +80,7 @@ class ViTImageEncoder(nn.Module):
             classification=False,
             dropout_rate=cfg.dropout,
             save_attn=True,
+            qkv_bias=cfg.qkv_bias,
         )
         for i, block in enumerate(self.vit.blocks):
             # MONAI always builds norm_cross_attn; unused, it would leave a parameter without gradient (Opacus fails).
@@ -131,6 +135,9 @@ class ResNetImageEncoder(nn.Module):
     MONAI's ``ResNet`` does not pass ``norm``/``act`` to its blocks, so the stack is assembled here.
     """
 
+    #: What ``build_image_encoder`` loaded into this tower (None: random init).
+    load_report: WeightLoadReport | None = None
+
     def __init__(self, cfg: ImageEncoderConfig) -> None:
         super().__init__()
         kind, layers, planes, max_pool = _RESNET_PRESETS[cfg.arch]
@@ -183,39 +190,13 @@ class ResNetImageEncoder(nn.Module):
 
 
 def build_image_encoder(cfg: ImageEncoderConfig) -> ViTImageEncoder | ResNetImageEncoder:
-    """Build the configured tower and load ``cfg.pretrained_path`` (a local ``state_dict``) if given."""
+    """Build the configured tower and load ``cfg.pretrained_path`` if given (any layout ``pretrained_weights`` reads).
+
+    The load's ``WeightLoadReport`` is kept on the tower as ``load_report`` (None without pretrained weights).
+    """
+    from mlip_fed.model.pretrained_weights import load_image_weights
+
     encoder: ViTImageEncoder | ResNetImageEncoder
     encoder = ViTImageEncoder(cfg) if cfg.arch.startswith("vit") else ResNetImageEncoder(cfg)
-    if cfg.pretrained_path is not None:
-        load_local_state_dict(encoder, cfg.pretrained_path, strict=cfg.pretrained_strict)
+    encoder.load_report = load_image_weights(encoder, cfg) if cfg.pretrained_path is not None else None
     return encoder
-
-
-def load_local_state_dict(module: nn.Module, path: str | Path, *, strict: bool) -> None:
-    """Load weights from a local file; the key layout is the module's own ``state_dict()``."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"image.pretrained_path: no such file {path} (weights are never downloaded)")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise ValueError(f"image.pretrained_path {path}: expected a state_dict, got {type(state).__name__}")
-    try:
-        result = module.load_state_dict(state, strict=False)
-    except RuntimeError as err:  # shape mismatches raise even when strict=False
-        first = [line.strip() for line in str(err).splitlines() if "size mismatch" in line][:3]
-        raise ValueError(f"image.pretrained_path {path} does not fit {type(module).__name__}: {first}") from err
-    if strict and (result.missing_keys or result.unexpected_keys):
-        raise ValueError(
-            f"image.pretrained_path {path} does not match {type(module).__name__}: "
-            f"missing {result.missing_keys[:10]} ({len(result.missing_keys)}), "
-            f"unexpected {result.unexpected_keys[:10]} ({len(result.unexpected_keys)})"
-        )
-    if result.missing_keys or result.unexpected_keys:
-        log.warning(
-            "partial load from %s: %d missing keys, %d unexpected keys",
-            path,
-            len(result.missing_keys),
-            len(result.unexpected_keys),
-        )

@@ -56,7 +56,12 @@ class MLIPModel(nn.Module):
     ) -> None:
         super().__init__()
         self.config = config = config or ModelConfig()
-        self.tokenizer = tokenizer or load_tokenizer(config.text.checkpoint_dir or config.text.vocab_path)
+        text = config.text
+        self.tokenizer = tokenizer or (
+            load_tokenizer(text.checkpoint_dir, field="model.text.checkpoint_dir")
+            if text.checkpoint_dir
+            else load_tokenizer(text.vocab_path, field="model.text.vocab_path")
+        )
         self.kb = kb or load_knowledge_base(config.kb_path)
         obj = config.objectives
         with torch.random.fork_rng(devices=[]):
@@ -117,6 +122,12 @@ class MLIPModel(nn.Module):
         if self.category_contrast is not None:
             self.init_knowledge_prototypes()
         self.register_load_state_dict_post_hook(lambda module, _keys: module.refresh_knowledge_token_cache())
+
+    @property
+    def weight_reports(self) -> list[Any]:
+        """``WeightLoadReport`` of each tower that loaded pretrained weights (image first); empty when none did."""
+        towers = (self.image_encoder, self.text_encoder)
+        return [tower.load_report for tower in towers if getattr(tower, "load_report", None) is not None]
 
     # ----------------------------------------------------------------------------------------------
     # Encoders

@@ -1,21 +1,27 @@
-"""Text tower: a BERT from ``BertConfig`` (CPU default) or a local BERT checkpoint directory.
+"""Text tower: a BERT from ``BertConfig`` (CPU default) or a pretrained ``AutoModel`` (folder or cached hub id).
 
 Besides [CLS] and token states it returns MGCA's word-level view: word-pieces summed into words,
 and per-word importance weights from the last layer's [CLS] attention. Position and token-type
-ids are always passed with a batch dimension: HF's default ``position_ids`` buffer has shape
-[1, L], which makes Opacus' Embedding grad sampler silently produce wrong per-sample shapes.
+ids are passed with a batch dimension whenever the backbone takes them: HF's default ``position_ids``
+buffer has shape [1, L], which makes Opacus' Embedding grad sampler silently produce wrong
+per-sample shapes. Word merging follows WordPiece's ``##`` rule; with another tokenizer (BPE,
+SentencePiece) every token is its own "word".
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
-from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
-from transformers import BertConfig, BertModel, PreTrainedTokenizerBase
+from transformers import BertConfig, BertModel, PreTrainedModel, PreTrainedTokenizerBase
 
 from mlip_fed.model.config import TextEncoderConfig
+
+if TYPE_CHECKING:
+    from mlip_fed.model.pretrained_weights import WeightLoadReport
 
 
 @dataclass
@@ -32,21 +38,7 @@ class TextFeatures:
 
 
 def build_bert(cfg: TextEncoderConfig, vocab_size: int, pad_token_id: int) -> BertModel:
-    """A BERT without pooler (an unused pooler would leave parameters without gradients under DP)."""
-    if cfg.checkpoint_dir is not None:
-        path = Path(cfg.checkpoint_dir)
-        if not path.is_dir():
-            raise FileNotFoundError(f"text.checkpoint_dir: no such directory {path} (models are never downloaded)")
-        bert = BertModel.from_pretrained(
-            str(path), local_files_only=True, attn_implementation="eager", add_pooling_layer=False
-        )
-        if cfg.checkpoint_layers is not None:
-            n_layers = len(bert.encoder.layer)
-            if cfg.checkpoint_layers > n_layers:
-                raise ValueError(f"text.checkpoint_layers={cfg.checkpoint_layers} but {path} has {n_layers} layers")
-            bert.encoder.layer = bert.encoder.layer[: cfg.checkpoint_layers]
-            bert.config.num_hidden_layers = cfg.checkpoint_layers
-        return bert
+    """The from-scratch BERT, without pooler (an unused pooler would leave parameters without gradients under DP)."""
     config = BertConfig(
         vocab_size=vocab_size,
         hidden_size=cfg.hidden_size,
@@ -63,14 +55,103 @@ def build_bert(cfg: TextEncoderConfig, vocab_size: int, pad_token_id: int) -> Be
     return BertModel(config, add_pooling_layer=False)
 
 
+#: Where encoder-only ``AutoModel``s keep their transformer layers (BERT/RoBERTa/ELECTRA, DistilBERT, others).
+_LAYER_LISTS = ("encoder.layer", "transformer.layer", "encoder.layers", "layers")
+
+
+def load_text_checkpoint(cfg: TextEncoderConfig) -> tuple[PreTrainedModel, WeightLoadReport]:
+    """``AutoModel`` from ``cfg.checkpoint_dir`` (a folder or a cached hub id), offline, with a load report.
+
+    BERT loads without its pooler, as before; any other model's pooler is removed after loading (unused,
+    it would leave parameters without gradients under DP). ``checkpoint_layers`` keeps the first N
+    transformer layers of any model whose layer list is found. Refused (PretrainedWeightsError) when less than
+    ``checkpoint_min_loaded`` of the model's tensors came from the checkpoint.
+    """
+    from transformers import AutoConfig, AutoModel
+
+    from mlip_fed.hf_cache import resolve_weights_location
+    from mlip_fed.model.pretrained_weights import PretrainedWeightsError, enforce_loaded, text_load_report
+
+    field = "model.text.checkpoint_dir"
+    assert cfg.checkpoint_dir is not None
+    path = resolve_weights_location(cfg.checkpoint_dir, field=field)
+    source = cfg.checkpoint_dir if str(path) == cfg.checkpoint_dir else f"{cfg.checkpoint_dir} ({path})"
+    try:
+        config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+        extra: dict[str, Any] = {"add_pooling_layer": False} if config.model_type == "bert" else {}
+        model, info = AutoModel.from_pretrained(
+            str(path), local_files_only=True, attn_implementation="eager", output_loading_info=True, **extra
+        )
+    except (OSError, ValueError, KeyError) as err:
+        raise PretrainedWeightsError(
+            f"{field}={source}: not a transformers model folder this version can load: {err}"
+        ) from None
+    notes = []
+    if isinstance(getattr(model, "pooler", None), nn.Module):
+        model.pooler = None
+        notes.append("pooler removed (unused by MLIP)")
+    report = text_load_report(model, info, source=source, model_type=config.model_type, notes=notes)
+    if cfg.checkpoint_layers is not None:
+        report.notes.append(_truncate_layers(model, cfg.checkpoint_layers, source))
+    enforce_loaded(
+        report, field=field, min_field="model.text.checkpoint_min_loaded", min_loaded=cfg.checkpoint_min_loaded
+    )
+    return model, report
+
+
+def _truncate_layers(model: PreTrainedModel, keep: int, source: str) -> str:
+    for dotted in _LAYER_LISTS:
+        *parents, name = dotted.split(".")
+        owner: Any = model
+        for part in parents:
+            owner = getattr(owner, part, None)
+        layers = getattr(owner, name, None)
+        if isinstance(layers, nn.ModuleList):
+            if keep > len(layers):
+                raise ValueError(f"text.checkpoint_layers={keep} but {source} has {len(layers)} layers")
+            setattr(owner, name, layers[:keep])
+            if hasattr(model.config, "num_hidden_layers"):
+                model.config.num_hidden_layers = keep
+            return f"kept the first {keep} of {len(layers)} layers (text.checkpoint_layers)"
+    raise ValueError(
+        f"text.checkpoint_layers={keep}: no layer list ({', '.join(_LAYER_LISTS)}) in {type(model).__name__}; "
+        "unset checkpoint_layers for this model"
+    )
+
+
 class TextEncoder(nn.Module):
-    """BERT plus word merging and token importance."""
+    """A BERT (or any encoder ``AutoModel``) plus word merging and token importance.
+
+    The backbone is the attribute ``bert`` whatever its type, so checkpoint keys stay ``text_encoder.bert.*``.
+    """
 
     def __init__(self, cfg: TextEncoderConfig, tokenizer: PreTrainedTokenizerBase) -> None:
         super().__init__()
-        self.bert = build_bert(cfg, vocab_size=len(tokenizer), pad_token_id=int(tokenizer.pad_token_id))
+        #: What was loaded from ``cfg.checkpoint_dir`` (None: built from scratch).
+        self.load_report: WeightLoadReport | None = None
+        if cfg.checkpoint_dir is None:
+            self.bert: PreTrainedModel = build_bert(
+                cfg, vocab_size=len(tokenizer), pad_token_id=int(tokenizer.pad_token_id)
+            )
+        else:
+            self.bert, self.load_report = load_text_checkpoint(cfg)
+        accepted = inspect.signature(self.bert.forward).parameters
+        self._pass_token_types = "token_type_ids" in accepted
+        self._pass_positions = "position_ids" in accepted
+        embeddings = getattr(self.bert, "embeddings", None)
+        #: RoBERTa-style models number positions from padding_idx + 1 (and give padding padding_idx); None: from 0.
+        self._position_padding_idx: int | None = (
+            int(embeddings.padding_idx)
+            if hasattr(embeddings, "create_position_ids_from_input_ids") and hasattr(embeddings, "padding_idx")
+            else None
+        )
         self.hidden_size = int(self.bert.config.hidden_size)
-        self.max_length = min(cfg.max_length, int(self.bert.config.max_position_embeddings))
+        max_positions = int(getattr(self.bert.config, "max_position_embeddings", cfg.max_length))
+        if self._position_padding_idx is not None:
+            max_positions -= self._position_padding_idx + 1
+        self.max_length = min(cfg.max_length, max_positions)
+        if cfg.checkpoint_dir is not None:
+            self._probe(int(tokenizer.pad_token_id or 0))
         self.pooling = cfg.pooling
         tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
         special = set(tokenizer.all_special_ids)
@@ -88,20 +169,48 @@ class TextEncoder(nn.Module):
         valid = (kind >= 0) & attention_mask.bool() & (ids >= 0)
         return torch.where(valid, ids, torch.full_like(ids, -1))
 
+    def backbone(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Any:
+        """The backbone's outputs (token states and attentions), with batch-shaped position and token-type ids.
+
+        BERT gets ``token_type_ids`` = 0 and ``position_ids`` = 0..L-1 per row; another model gets each of those
+        only if its ``forward`` takes it, with RoBERTa-style offsets where its embeddings use them.
+        """
+        kwargs: dict[str, torch.Tensor] = {}
+        if self._pass_token_types:
+            kwargs["token_type_ids"] = torch.zeros_like(input_ids)
+        if self._pass_positions:
+            if self._position_padding_idx is not None:
+                make = self.bert.embeddings.create_position_ids_from_input_ids
+                kwargs["position_ids"] = make(input_ids, self._position_padding_idx)
+            else:
+                b, length = input_ids.shape
+                kwargs["position_ids"] = torch.arange(length, device=input_ids.device).unsqueeze(0).expand(b, -1)
+        out = self.bert(input_ids=input_ids, attention_mask=attention_mask, output_attentions=True, **kwargs)
+        if getattr(out, "last_hidden_state", None) is None or not getattr(out, "attentions", None):
+            raise ValueError(
+                f"text model {type(self.bert).__name__} returns no last_hidden_state/attentions; MLIP needs an encoder "
+                "whose outputs have token states and (eager) attention maps"
+            )
+        return out
+
+    @torch.no_grad()
+    def _probe(self, token_id: int) -> None:
+        """One 2-token pass in eval mode (no dropout, so the seeded RNG is untouched): a checkpoint whose model
+        cannot serve as the text tower fails at start-up, not at the first batch."""
+        was_training = self.bert.training
+        self.bert.eval()
+        try:
+            ids = torch.full((1, 2), token_id, dtype=torch.long, device=next(self.bert.parameters()).device)
+            self.backbone(ids, torch.ones_like(ids))
+        finally:
+            self.bert.train(was_training)
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TextFeatures:
         if input_ids.shape[1] > self.max_length:
             raise ValueError(
                 f"input_ids has {input_ids.shape[1]} tokens; the text tower takes at most {self.max_length}"
             )
-        b, length = input_ids.shape
-        position_ids = torch.arange(length, device=input_ids.device).unsqueeze(0).expand(b, -1)
-        out = self.bert(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            token_type_ids=torch.zeros_like(input_ids),
-            position_ids=position_ids,
-            output_attentions=True,
-        )
+        out = self.backbone(input_ids, attention_mask)
         tokens = out.last_hidden_state
         cls_attention = out.attentions[-1][:, :, 0, :].mean(dim=1).detach()  # [B, L]
         word_ids = self.word_ids(input_ids, attention_mask)

@@ -17,10 +17,13 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from mlip_fed.privacy.accountant import AccountedStep
+if TYPE_CHECKING:  # the accountant loads opacus and torch; reading a ledger (mlip-privacy) needs neither
+    from mlip_fed.privacy.accountant import AccountedStep
 
+#: The ledger's file name in a site's ``state_dir``; the one spelling the ClientApp and ``mlip-privacy`` share.
+LEDGER_FILENAME = "privacy_ledger.sqlite"
 SCHEMA_VERSION = 1
 MECHANISMS = ("bucketed", "decomposable", "gaussian", "dp_fedavg", "unaccounted")
 
@@ -72,11 +75,13 @@ class LedgerEvent:
         if not self.run_id or not self.kind:
             raise ValueError(f"ledger event needs a run_id and a kind, got {self.run_id!r}, {self.kind!r}")
         if self.accounted:
-            AccountedStep(self.effective_noise_multiplier, self.sample_rate, self.steps)  # validates
+            self.step()  # validates
         elif self.mechanism != "unaccounted":
             raise ValueError(f"an unaccounted event must use mechanism 'unaccounted', got {self.mechanism!r}")
 
     def step(self) -> AccountedStep:
+        from mlip_fed.privacy.accountant import AccountedStep
+
         return AccountedStep(self.effective_noise_multiplier, self.sample_rate, self.steps)
 
     def same_release(self, other: LedgerEvent) -> bool:

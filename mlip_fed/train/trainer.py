@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import random
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -265,6 +266,7 @@ class LocalTrainer:
             for key, value in record.items():
                 if key != "step":
                     self._tb_writer.add_scalar(f"train/{key}", value, self.state.global_step)
+            self._tb_writer.flush()  # SummaryWriter buffers ~2 min; a short or killed run would leave nothing
 
     def _progress(self, loader: Iterable[Any], skip: int) -> Any:
         if not self.cfg.progress_bar:
@@ -275,12 +277,22 @@ class LocalTrainer:
         return tqdm(total=total, initial=skip, desc=f"epoch {self.state.epoch}", leave=False, dynamic_ncols=True)
 
     def _open_tensorboard(self) -> Any:
+        """Event files under ``<output_dir>/tensorboard`` (``train/<loss part>``, ``train/lr``, ...).
+
+        Nothing closes a trainer explicitly (a site builds one per round), so the writer is closed by a
+        finalizer when the trainer is collected or the interpreter exits; ``_log`` flushes every record.
+        """
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as err:
-            raise RuntimeError("train.tensorboard=true needs the 'tensorboard' package installed") from err
+            raise RuntimeError(
+                f"train.tensorboard=true needs the 'tensorboard' package ({err}); "
+                "reinstall the project's dependencies or set train.tensorboard=false"
+            ) from err
         log_dir = (self.output_dir or Path("runs")) / "tensorboard"
-        return SummaryWriter(log_dir=str(log_dir))
+        writer = SummaryWriter(log_dir=str(log_dir))
+        weakref.finalize(self, writer.close)
+        return writer
 
     # ------------------------------------------------------------------ precision
     def _autocast_dtype(self) -> torch.dtype | None:
