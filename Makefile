@@ -30,11 +30,13 @@ venv: $(STAMP)
 
 # Exactly the lock (every file hash-checked, no resolver), then the project itself without dependencies and
 # with the locked build backend. A changed lock or pyproject.toml reinstalls.
-$(STAMP): pyproject.toml $(LOCK)
+$(STAMP): pyproject.toml $(LOCK) mlip_fed/federation/venv_defaults.py
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --require-hashes --no-deps -r $(LOCK)
 	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	$(BIN)/python -m pip check
+	# Plain `flwr run .` in this venv: no per-run `uv sync`, telemetry off, Ray on loopback (docs/federation.md).
+	$(BIN)/python -m mlip_fed.federation.venv_defaults
 	@touch $(STAMP)
 
 # Regenerate both locks from pyproject.toml. Upgrading a dependency = `make lock`, `make test`, commit.
