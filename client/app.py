@@ -82,6 +82,7 @@ def train(msg: Message, context: Context) -> Message:
     site_id = f"site_{context.node_config.get('partition-id', '?')}"
     if "site-config" in context.node_config:
         site_id = Path(str(context.node_config["site-config"])).stem
+    runtime: SiteRuntime | None = None
     try:
         runtime = _runtime(context)
         site_id = runtime.site_id
@@ -91,6 +92,23 @@ def train(msg: Message, context: Context) -> Message:
         return Message(encode_update(update, transport_dtype_of(msg.content)), reply_to=msg)
     except Exception as err:  # reply with the site id; the server leaves this site out and lists it
         logger.error("%s failed in round %s:\n%s", site_id, msg.metadata.group_id, traceback.format_exc())
-        return Message(
-            Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=format_site_error(site_id, err)), reply_to=msg
-        )
+        # Under DP only a public reason code leaves the site; the message above stays in the site's log.
+        private = runtime.dp if runtime is not None else _dp_policy(context)
+        reason = format_site_error(site_id, err, private=private)
+        return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
+
+
+def _dp_policy(context: Context) -> bool:
+    """Whether this site's own config puts it under DP, for an error raised before its runtime existed.
+
+    A config that does not even load is a configuration error (no data was read yet): its message is sent as is.
+    """
+    try:
+        site_config = context.node_config.get("site-config")
+        if site_config:
+            from mlip_fed.deploy.site_config import load_site_config
+
+            return load_site_config(str(site_config)).privacy.mechanism != "none"
+        return experiment_from_run_config(context.run_config).cfg.privacy.mechanism != "none"
+    except Exception:
+        return False

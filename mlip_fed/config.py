@@ -24,6 +24,11 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+#: SynthCXR difficulty tiers; kept equal to ``mlip_fed.data.synthetic.DIFFICULTY_NAMES`` (tested), spelled out here so
+#: reading a config never imports the generator.
+SynthDifficulty = Literal["standard", "cpu"]
+
+
 class SyntheticDataConfig(_Strict):
     """SynthCXR federation generated on first use (built-in benchmark, no downloads)."""
 
@@ -32,6 +37,9 @@ class SyntheticDataConfig(_Strict):
     seed: int = 0
     dirichlet_alpha: float | None = Field(default=None, gt=0)
     test_fraction: float = Field(default=0.2, gt=0, lt=1)
+    #: How visible findings are (``mlip_fed.data.synthetic.DIFFICULTY_TIERS``): ``standard`` (raw-pixel calibrated)
+    #: or ``cpu`` (learnable by the CPU default tower at 64² in minutes). Same studies, reports and labels in both.
+    difficulty: SynthDifficulty = "standard"
 
 
 class DataConfig(_Strict):
@@ -102,15 +110,25 @@ class PrivacyPolicy(_Strict):
     min_noise_multiplier: float = Field(default=0.0, ge=0)
     clipping_norm: float = Field(default=1.0, gt=0)
     num_buckets: int = Field(default=8, ge=1)
-    accountant: Literal["rdp", "prv"] = "rdp"
+    #: Which upper bound is this site's epsilon (budget checks, refusals, reports): ``max`` of RDP and PRV (the
+    #: conservative default), ``rdp`` (PRV never computed in a round), or ``prv`` (tighter; RDP when PRV fails).
+    #: sigma is calibrated with RDP in every case (conservative for ``prv``).
+    accountant: Literal["max", "rdp", "prv"] = "max"
     privacy_unit: Literal["patient", "record"] = "patient"
     #: Noise on released prototype sums and counts (units of the unit-norm bound).
     prototype_noise_multiplier: float = Field(default=4.0, gt=0)
     release_prototypes: bool = True
     #: Categories whose NOISY count is below this are suppressed in a DP prototype release.
     prototype_count_threshold: float = Field(default=5.0, ge=0)
-    #: Public cap on (record, positive category) pairs one privacy unit adds to the bank (sensitivity of a release).
+    #: Public cap on the distinct positive categories one privacy unit adds to the bank (a unit's records are
+    #: averaged per category first, so it adds at most 1 per category row and count): the release's sensitivity.
     prototype_contribution_bound: int = Field(default=14, ge=1)
+    #: Noise hardening (docs/privacy.md "Randomness"): reseed the noise generator from OS entropy for every tensor and
+    #: use Opacus' floating-point mitigation (sum of 4 draws / 2). The noise is secret either way.
+    secure_mode: bool = True
+    #: DEBUG ONLY. Derive the noise, Poisson sample and dropout from (seed, site, run id, round): reproducible, and
+    #: therefore NOT PRIVATE against the server, which knows those values. Warned every round, marked in the ledger.
+    insecure_reproducible_noise: bool = False
 
     @model_validator(mode="after")
     def _dp_needs_budget(self) -> PrivacyPolicy:
@@ -149,6 +167,9 @@ class FederationConfig(_Strict):
     client_dp_clipping_norm: float | None = Field(default=None, gt=0)
     #: delta_c of the client-level epsilon (unit: one site).
     client_dp_delta: float = Field(default=1e-5, gt=0, lt=1)
+    #: DEBUG ONLY. Client-DP noise and site sampling from ``seed`` and the round instead of the server's OS entropy:
+    #: reproducible, and NOT PRIVATE against anyone who knows the config (the sites do). Warned every round.
+    client_dp_insecure_reproducible_noise: bool = False
     #: SecAgg+ (``server/secagg.py``): the server learns only the sum over sites of weights, bank sums and counts.
     secure_aggregation: bool = False
     #: Neighbours each site secret-shares its keys with (itself included); Flower needs > 2.

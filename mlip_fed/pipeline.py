@@ -48,6 +48,8 @@ def synthetic_manifests(data: DataConfig) -> list[Path]:
         "dirichlet_alpha": syn.dirichlet_alpha,
         "test_fraction": syn.test_fraction,
     }
+    if syn.difficulty != "standard":  # standard keeps the marker it had before tiers existed (no regeneration)
+        spec["difficulty"] = syn.difficulty
     marker = root / "synthcxr.json"
     with _file_lock(root / ".generate.lock"):
         if marker.is_file() and json.loads(marker.read_text()) == spec:
@@ -60,6 +62,7 @@ def synthetic_manifests(data: DataConfig) -> list[Path]:
             seed=syn.seed,
             dirichlet_alpha=syn.dirichlet_alpha,
             test_fraction=syn.test_fraction,
+            difficulty=syn.difficulty,
         )
         from mlip_fed.io import atomic_write_json
 
@@ -121,6 +124,9 @@ def _file_lock(path: Path) -> Iterator[None]:
 # ---------------------------------------------------------------------------- datasets and loaders
 def train_dataset(records: Sequence[StudyRecord], cfg: ExperimentConfig) -> ImageReportDataset:
     first, second = build_view_pair(cfg.data.image_size, seed=cfg.seed)
+    itc = cfg.model.objectives.global_itc
+    if not (itc.enabled and itc.divergence):  # only the divergence encoder reads a second view
+        return ImageReportDataset(records, first)
     return ImageReportDataset(records, first, second)
 
 

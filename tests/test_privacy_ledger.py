@@ -170,7 +170,7 @@ def test_canary_bound_math() -> None:
 
 def test_audit_cli_reports_numbers_and_warnings(tmp_path, capsys) -> None:
     path = tmp_path / "site.db"
-    site = SitePrivacy(policy(epsilon_budget=20.0), path, num_records=1000, run_id="r1", site="hospital-a")
+    site = SitePrivacy(policy(epsilon_budget=20.0, secure_mode=False), path, num_records=1000, run_id="r1", site="h")
     site.record_training(1, steps=50, sample_rate=0.02)
     site.release_bank(PrototypeBank(dim=8), 1)
     site.record_training(2, steps=50, sample_rate=0.02)
@@ -185,6 +185,7 @@ def test_audit_cli_reports_numbers_and_warnings(tmp_path, capsys) -> None:
     assert report["per_round"][0]["epsilon_rdp"] < report["per_round"][1]["epsilon_rdp"]
     assert any("unaccounted release: unaccounted:train_loss" in w for w in report["warnings"])
     assert any("secure_mode=false" in w for w in report["warnings"])
+    assert report["private"] is True and not any("NOT PRIVATE" in w for w in report["warnings"])
     out = tmp_path / "audit.html"
     assert privacy_main(["audit", "--ledger", str(path), "--format", "html", "--out", str(out)]) == 0
     assert "data:image/png;base64," in out.read_text()

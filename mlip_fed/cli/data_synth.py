@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from mlip_fed.cli.help_format import describe, subparser_options
-from mlip_fed.data.synthetic import generate_federation
+from mlip_fed.data.synthetic import DIFFICULTY_NAMES, generate_federation
 from mlip_fed.knowledge.kb import CHEXPERT_CATEGORIES
 
 
@@ -39,6 +39,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, default=0, help="random seed; the same seed writes byte-identical files")
     parser.add_argument("--dirichlet-alpha", type=float, default=None, help="label skew across sites")
     parser.add_argument("--test-fraction", type=float, default=0.2, help="fraction of patients in test")
+    parser.add_argument(
+        "--difficulty",
+        choices=DIFFICULTY_NAMES,
+        default="standard",
+        help="finding visibility tier (same studies, reports and labels in every tier; docs/synthcxr.md)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -55,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         dirichlet_alpha=args.dirichlet_alpha,
         test_fraction=args.test_fraction,
+        difficulty=args.difficulty,
     )
     elapsed = time.perf_counter() - start
     print(summarise(manifests))

@@ -1,15 +1,20 @@
 """``mlip-privacy``: a privacy officer's view of a site's ledger, and the one-run empirical audit.
 
     mlip-privacy audit --ledger <state_dir>/privacy_ledger.sqlite [--format text|json|html] [--out FILE]
+    mlip-privacy acknowledge-reset --state-dir <state_dir> --operator NAME --reason TEXT
     mlip-privacy canary-audit --scores scores.csv --k-plus 50 [--k-minus 50] [--delta 1e-5] [--claimed-epsilon 8]
     mlip-privacy canary-run --out DIR [--canary-kind gradient|input] [--canaries 1000 --steps 30 --sample-rate 1]
-                            [--noise-off --i-know-noise-is-off]
+                            [--noise-applied-fraction 0.5 --i-know-this-is-broken]
                             [hydra overrides, e.g. experiment=smoke privacy=bucketed privacy.epsilon_budget=1]
 
 ``scores.csv`` has one row per canary with columns ``score`` (higher = more likely trained on) and
 ``included`` (1/0, the secret coin flip); ``canary-run`` writes one (``DIR/canaries.csv``) after it has
-inserted the canaries, trained with the configured DP and scored them. Exit status of both audits: 0 when
-the lower bound is consistent with the claimed epsilon, 1 when it exceeds it, 2 on bad input.
+inserted the canaries, trained with the configured DP and scored them. ``canary-run`` judges gradient canaries
+against the epsilon of one canary unit (sensitivity C, at sigma) and input canaries against the patient claim.
+``--noise-applied-fraction F`` (F < 1, with ``--i-know-this-is-broken``) adds only F * sigma while the accountant is
+charged sigma: a deliberately broken run the audit should catch (``--noise-off`` = F 0). Exit status of both canary
+audits: 0 when the lower bound is consistent with the epsilon it is compared against, 1 when it exceeds it, 2 on bad
+input. ``audit`` exits 1 when the ledger's hash chain is BROKEN (events edited or deleted).
 """
 
 from __future__ import annotations
@@ -36,11 +41,24 @@ def _audit(args: argparse.Namespace) -> int:
     if not Path(args.ledger).is_file():
         raise FileNotFoundError(f"ledger {args.ledger} does not exist")
     with PrivacyLedger(args.ledger) as ledger:
-        text = FORMATTERS[args.format](build_report(ledger))
+        report = build_report(ledger)
+    text = FORMATTERS[args.format](report)
     if args.out:
         atomic_write_text(Path(args.out), text)
     else:
         sys.stdout.write(text)
+    return 1 if report["chain"]["status"] == "BROKEN" else 0
+
+
+def _acknowledge_reset(args: argparse.Namespace) -> int:
+    from mlip_fed.privacy.ledger import RESETS_FILENAME, acknowledge_reset
+
+    record = acknowledge_reset(Path(args.state_dir), args.operator or "", args.reason or "")
+    print(
+        f"recorded: ledger reset of {record['state_dir']} acknowledged by {record['operator']} "
+        f"({record['reason']}); found: {'; '.join(record['found'])}. A new ledger starts at epsilon 0; the reset is "
+        f"in {Path(args.state_dir) / RESETS_FILENAME} and in the new ledger, and every audit reports it."
+    )
     return 0
 
 
@@ -83,9 +101,10 @@ def _canary(args: argparse.Namespace) -> int:
 def _canary_run(args: argparse.Namespace) -> int:
     from mlip_fed.cli.hydra_config import compose_experiment
     from mlip_fed.io import atomic_write_json
-    from mlip_fed.privacy.canary_run import check_noise_off, run_canary_audit
+    from mlip_fed.privacy.canary_run import check_noise_applied, resolve_noise_applied_fraction, run_canary_audit
 
-    check_noise_off(args.noise_off, args.i_know_noise_is_off)  # before anything is composed or generated
+    fraction = resolve_noise_applied_fraction(args.noise_off, args.noise_applied_fraction)
+    check_noise_applied(fraction, args.i_know_this_is_broken)  # before anything is composed or generated
     cfg = compose_experiment(args.overrides)
     out = Path(args.out)
     report = run_canary_audit(
@@ -99,8 +118,8 @@ def _canary_run(args: argparse.Namespace) -> int:
         k_plus=args.k_plus,
         k_minus=args.k_minus,
         significance=args.significance,
-        noise_off=args.noise_off,
-        i_know_noise_is_off=args.i_know_noise_is_off,
+        noise_applied_fraction=fraction,
+        i_know_this_is_broken=args.i_know_this_is_broken,
         progress=args.progress,
     )
     atomic_write_json(out / "report.json", {**report.to_dict(), "overrides": args.overrides})
@@ -119,6 +138,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     audit.add_argument("--out", help="write here instead of stdout")
     audit.set_defaults(func=_audit)
+    reset = sub.add_parser(
+        "acknowledge-reset",
+        help="record that a site's lost ledger restarts at epsilon 0 (the site refuses to train until then)",
+        **subparser_options(),
+    )
+    reset.add_argument("--state-dir", required=True, help="the site's state_dir (holds the ledger)")
+    reset.add_argument("--operator", help="who accepts the reset (required; recorded)")
+    reset.add_argument("--reason", help="why the ledger is lost (required; recorded)")
+    reset.set_defaults(func=_acknowledge_reset)
     canary = sub.add_parser(
         "canary-audit", help="one-run epsilon lower bound from canary scores", **subparser_options()
     )
@@ -127,7 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
     canary.add_argument("--k-minus", type=int, default=0, help="guess 'out' for this many bottom scores")
     canary.add_argument("--delta", type=float, default=1e-5, help="delta of the (epsilon, delta) lower bound")
     canary.add_argument("--significance", type=float, default=0.05, help="1 - confidence of the lower bound")
-    canary.add_argument("--claimed-epsilon", type=float, help="exit 1 if the lower bound exceeds it")
+    canary.add_argument(
+        "--claimed-epsilon",
+        type=float,
+        help="exit 1 if the lower bound exceeds it (for gradient canaries: the canary-unit epsilon of the run)",
+    )
     canary.set_defaults(func=_canary)
     run = sub.add_parser(
         "canary-run",
@@ -159,11 +191,23 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--format", choices=("text", "json"), default="text", help="what is printed to stdout")
     run.add_argument("--progress", action="store_true", help="show a progress bar")
     run.add_argument(
+        "--noise-applied-fraction",
+        type=float,
+        help="BROKEN ON PURPOSE below 1: the engine adds this fraction of sigma while the accountant is still charged "
+        "sigma (0.5: 2x under-noised, 0.25: 4x, 0: noise off; default 1; needs --i-know-this-is-broken)",
+    )
+    run.add_argument(
         "--noise-off",
         action="store_true",
-        help="BROKEN ON PURPOSE: train without noise while the accountant still claims sigma (needs the flag below)",
+        help="BROKEN ON PURPOSE: same as --noise-applied-fraction 0 (needs --i-know-this-is-broken)",
     )
-    run.add_argument("--i-know-noise-is-off", action="store_true", help="confirm --noise-off")
+    run.add_argument(
+        "--i-know-this-is-broken",
+        "--i-know-noise-is-off",
+        dest="i_know_this_is_broken",
+        action="store_true",
+        help="confirm --noise-applied-fraction < 1 or --noise-off (--i-know-noise-is-off: the old name)",
+    )
     run.set_defaults(func=_canary_run)
     return parser
 

@@ -96,8 +96,12 @@ def write_site(
     image_size: int,
     seed: int,
     test_fraction: float,
+    difficulty: str = "standard",
 ) -> Path:
-    """Generate and write one site; randomness depends only on ``(seed, site_index, patient, study)``."""
+    """Generate and write one site; randomness depends only on ``(seed, site_index, patient, study)``.
+
+    ``difficulty`` (a SynthCXR tier) changes the pixels only: rows, reports and labels are the same in every tier.
+    """
     kb = load_knowledge_base()
     site_dir = out_dir / profile.site_id
     counts = plan_patients(num_studies, profile.studies_per_patient, seeded_rng(seed, STREAM_SPLIT, site_index, 0))
@@ -121,7 +125,7 @@ def write_site(
                 has_prior=prior is not None,
                 unchanged=prior is not None and same_findings(prior, findings),
             )
-            rendered = render_study(anatomy, findings, profile, study.view, image_size, rng)
+            rendered = render_study(anatomy, findings, profile, study.view, image_size, rng, difficulty)
             report = write_report(study, profile.report_style, rng, kb)
             image_rel = f"images/{study.study_id}.png"
             mask_rel = f"masks/{study.study_id}.png"
@@ -172,6 +176,7 @@ def write_federation(
     seed: int = 0,
     dirichlet_alpha: float | None = None,
     test_fraction: float = 0.2,
+    difficulty: str = "standard",
 ) -> list[Path]:
     """Write ``num_sites`` sites under ``out_dir``; ``studies_per_site`` may differ per site."""
     sizes = [int(studies_per_site)] * num_sites if isinstance(studies_per_site, int) else list(studies_per_site)
@@ -180,5 +185,6 @@ def write_federation(
     out = Path(out_dir)
     profiles = make_site_profiles(num_sites, seed, dirichlet_alpha)
     return [
-        write_site(out, k, profile, sizes[k], image_size, seed, test_fraction) for k, profile in enumerate(profiles)
+        write_site(out, k, profile, sizes[k], image_size, seed, test_fraction, difficulty)
+        for k, profile in enumerate(profiles)
     ]

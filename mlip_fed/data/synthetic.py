@@ -129,6 +129,105 @@ _check_table()
 
 
 # --------------------------------------------------------------------------------------------------
+# Difficulty tiers: how visible findings are. One table of scales per tier, applied at render time only.
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FindingScale:
+    """How one finding kind is drawn in a tier, relative to ``standard`` (1.0 = as in ``standard``).
+
+    ``contrast`` multiplies the density the finding adds (for a pneumothorax both the darker rim and
+    the pleural line). ``size`` multiplies its spatial extent: radius (nodule, mass, airspace), width
+    (tubes, lines, atelectatic band, apical cap), fluid height (effusion), rim gap (pneumothorax),
+    haze extent (edema), callus radius and step (fracture), cardiothoracic ratio (cardiomegaly) and
+    upper-mediastinal widening factor (enlarged cardiomediastinum). Cardiomegaly and a widened
+    mediastinum add no density of their own, so their ``contrast`` has no effect.
+    """
+
+    contrast: float = 1.0
+    size: float = 1.0
+
+
+@dataclass(frozen=True)
+class DifficultyTier:
+    """A SynthCXR difficulty: per-finding scales plus image-wide ones (site noise, blur, lung markings).
+
+    A tier changes pixels only: for the same seed every tier draws the same patients, findings, views
+    and reports (labels and text are identical), because no scale changes what is drawn from the RNG.
+    """
+
+    name: str
+    findings: dict[str, FindingScale]
+    #: Multiplies each site's acquisition noise std.
+    noise: float = 1.0
+    #: Multiplies each site's blur sigma.
+    blur: float = 1.0
+    #: Multiplies the amplitude of the lung markings (the anatomical clutter findings hide in).
+    texture: float = 1.0
+
+    def scale(self, kind: str) -> FindingScale:
+        return self.findings.get(kind, _UNIT_SCALE)
+
+
+_UNIT_SCALE = FindingScale()
+
+#: ``standard``: the generator as calibrated for raw-pixel difficulty (docs/synthcxr.md); every scale is 1.0,
+#: and multiplying by 1.0 is exact, so its files are byte-identical to the generator before tiers existed.
+#: ``cpu``: findings made visible enough that the CPU default image tower learns them at 64² within minutes
+#: (docs/synthcxr.md, "Difficulty tiers"); findings still sit at random positions, so raw pixels stay weak.
+DIFFICULTY_TIERS: dict[str, DifficultyTier] = {
+    "standard": DifficultyTier("standard", {}),
+    "cpu": DifficultyTier(
+        "cpu",
+        {
+            # kind:                       contrast, size
+            "cardiomegaly": FindingScale(1.0, 1.0),
+            "enlarged_cardiomediastinum": FindingScale(1.0, 1.0),
+            "pleural_effusion": FindingScale(1.0, 1.0),
+            "pneumothorax": FindingScale(4.0, 2.5),
+            "consolidation": FindingScale(3.0, 1.6),
+            "pneumonia": FindingScale(3.0, 1.6),
+            "nodule": FindingScale(3.0, 2.5),
+            "mass": FindingScale(3.0, 1.6),
+            "atelectasis": FindingScale(3.0, 2.5),
+            "edema": FindingScale(1.0, 1.0),
+            "endotracheal_tube": FindingScale(2.0, 2.0),
+            "central_line": FindingScale(3.0, 2.5),
+            "rib_fracture": FindingScale(6.0, 3.5),
+            "pleural_thickening": FindingScale(3.0, 2.5),
+        },
+        noise=0.4,
+        texture=0.4,
+    ),
+}
+
+#: Tier names, in the order the CLI lists them.
+DIFFICULTY_NAMES: tuple[str, ...] = tuple(DIFFICULTY_TIERS)
+
+
+def difficulty_tier(name: str) -> DifficultyTier:
+    """The tier called ``name``; an unknown name raises ValueError naming it and the known ones."""
+    tier = DIFFICULTY_TIERS.get(name)
+    if tier is None:
+        raise ValueError(f"unknown SynthCXR difficulty {name!r}; expected one of {', '.join(DIFFICULTY_NAMES)}")
+    return tier
+
+
+def _check_tiers() -> None:
+    for tier in DIFFICULTY_TIERS.values():
+        unknown = sorted(set(tier.findings) - set(FINDINGS))
+        if unknown:
+            raise ValueError(f"difficulty tier {tier.name!r}: unknown finding kinds {unknown}")
+        for kind, scale in tier.findings.items():
+            if not (scale.contrast > 0 and scale.size > 0):
+                raise ValueError(f"difficulty tier {tier.name!r}: {kind} scales must be > 0, got {scale}")
+
+
+_check_tiers()
+
+
+# --------------------------------------------------------------------------------------------------
 # Data types
 # --------------------------------------------------------------------------------------------------
 
@@ -558,7 +657,16 @@ def _unit_noise(rng: np.random.Generator, size: int, sigma_px: float) -> np.ndar
 class _Body:
     """The pixel grid mapped into body coordinates, with the patient's fixed structures laid out."""
 
-    def __init__(self, anatomy: PatientAnatomy, pose: Pose, size: int, view: str, findings: dict[str, Finding]):
+    def __init__(
+        self,
+        anatomy: PatientAnatomy,
+        pose: Pose,
+        size: int,
+        view: str,
+        findings: dict[str, Finding],
+        tier: DifficultyTier = DIFFICULTY_TIERS["standard"],
+    ):
+        self.tier = tier
         x, y = _pixel_centres(size)
         c, s = math.cos(pose.rotation), math.sin(pose.rotation)
         dx, dy = x - 0.5 - pose.shift_x, y - 0.5 - pose.shift_y
@@ -575,6 +683,7 @@ class _Body:
         widened = findings.get("enlarged_cardiomediastinum")
         if widened is not None:
             mediastinum_factor = 1.4 + 0.35 * widened.severity_rank + (-0.12 if widened.hedged else 0.0)
+            mediastinum_factor *= tier.scale("enlarged_cardiomediastinum").size
         self.med_hw = a.mediastinum_half_width
         self.med_factor = mediastinum_factor
         self.inner = a.mediastinum_half_width + 0.012
@@ -585,6 +694,7 @@ class _Body:
         if cardiomegaly is not None:
             ctr = 0.53 + 0.12 * cardiomegaly.severity_rank + (-0.02 if cardiomegaly.hedged else 0.0)
             ctr += _shape_rng(cardiomegaly).uniform(0.0, 0.03)
+            ctr *= tier.scale("cardiomegaly").size
         self.ctr = ctr * (1.07 if view == "AP" else 1.0)
         self.lung_fields: dict[str, np.ndarray] = {}
         self.lung_ellipses: dict[str, np.ndarray] = {}
@@ -594,6 +704,10 @@ class _Body:
 
     def sign(self, side: str) -> float:
         return -1.0 if side == "right" else 1.0
+
+    def size_scale(self, finding: Finding) -> float:
+        """The tier's size scale of this finding's kind (1.0 in ``standard``)."""
+        return self.tier.scale(finding.kind).size
 
     def lung_box(self, side: str) -> tuple[float, float, float, float]:
         """(centre u, half-width, centre v, half-height) of one lung's superellipse."""
@@ -655,6 +769,7 @@ class _FindingLayer:
 def _draw_effusion(body: _Body, f: Finding) -> _FindingLayer:
     rng = _shape_rng(f)
     frac = {"trace": 0.06, "small": 0.11, "moderate": 0.19, "large": 0.3}[str(f.severity)] * rng.uniform(0.85, 1.2)
+    frac *= body.size_scale(f)
     density = np.zeros_like(body.u)
     mask = np.zeros(body.u.shape, dtype=bool)
     for side in _sides(f):
@@ -673,6 +788,7 @@ def _draw_pneumothorax(body: _Body, f: Finding) -> _FindingLayer:
     rng = _shape_rng(f)
     (side,) = _sides(f)
     gap = {"tiny": 0.06, "small": 0.1, "moderate": 0.17}[str(f.severity)] * rng.uniform(0.85, 1.15)
+    gap *= body.size_scale(f)
     cx, a, cy, b = body.lung_box(side)
     a2, b2 = a * (1 - gap), b * (1 - 0.6 * gap)
     cx2 = cx - body.sign(side) * (a - a2)
@@ -702,6 +818,7 @@ def _draw_airspace(body: _Body, f: Finding) -> _FindingLayer:
     zone = _ZONE_OF_LOBE[str(f.location)][1]
     centre = _zone_centre(body, side, zone, rng)
     radius = (0.045 + 0.035 * f.severity_rank) * rng.uniform(0.85, 1.2)
+    radius *= body.size_scale(f)
     shape = _blob(body, centre, radius, rng)
     lung = body.lung_fields[side]
     patchy = 1.0 + 0.35 * _unit_noise(rng, body.size, max(0.8, 0.01 / body.px))
@@ -716,7 +833,7 @@ def _draw_lesion(body: _Body, f: Finding) -> _FindingLayer:
     (side,) = _sides(f)
     zone = _ZONE_OF_LOBE[str(f.location)][1]
     u0, v0 = _zone_centre(body, side, zone, rng)
-    radius = max(0.01 + 0.0009 * float(f.size_mm or 0), 0.75 * body.px)
+    radius = max((0.01 + 0.0009 * float(f.size_mm or 0)) * body.size_scale(f), 0.75 * body.px)
     r = np.hypot(body.u - u0, (body.v - v0) * rng.uniform(0.85, 1.15))
     amp = (0.11 if f.kind == "nodule" else 0.14) * rng.uniform(0.85, 1.3)
     disk = _inside(r - radius, body.edge)
@@ -732,7 +849,7 @@ def _draw_atelectasis(body: _Body, f: Finding) -> _FindingLayer:
         cx, a, _, _ = body.lung_box(side)
         level = body.domes[side] - rng.uniform(0.035, 0.08)
         slope = rng.uniform(-0.2, 0.2)
-        half = max((0.008 + 0.006 * f.severity_rank) * rng.uniform(0.85, 1.2), 0.75 * body.px)
+        half = max((0.008 + 0.006 * f.severity_rank) * rng.uniform(0.85, 1.2) * body.size_scale(f), 0.75 * body.px)
         centre_line = level + slope * (body.u - cx)
         across = _inside(np.abs(body.u - cx) - 0.6 * a, 2 * body.px)
         band = _inside(np.abs(body.v - centre_line) - half, body.edge) * across * body.lung_fields[side]
@@ -749,6 +866,7 @@ def _draw_edema(body: _Body, f: Finding) -> _FindingLayer:
         hu = 0.5 + body.sign(side) * (body.inner + 0.045)
         hv = body.top + 0.45 * body.lung_height(side)
         su, sv = rng.uniform(0.08, 0.11), rng.uniform(0.1, 0.14)
+        su, sv = su * body.size_scale(f), sv * body.size_scale(f)
         haze = np.maximum(haze, np.exp(-(((body.u - hu) / su) ** 2 + ((body.v - hv) / sv) ** 2) / 2))
     reticular = 1.0 + 0.4 * _unit_noise(rng, body.size, max(0.6, 0.006 / body.px))
     amp = (0.05 + 0.06 * f.severity_rank) * rng.uniform(0.85, 1.15)
@@ -768,7 +886,7 @@ def _draw_tube(body: _Body, f: Finding) -> _FindingLayer:
     tip = carina - rng.uniform(0.03, 0.08)
     x0 = 0.5 + rng.normal(0.0, 0.006)
     points = np.array([[x0 + rng.normal(0, 0.01), -0.05], [x0, (tip - 0.05) / 2], [x0 + rng.normal(0, 0.004), tip]])
-    return _line_layer(body, points, 0.006, rng.uniform(0.2, 0.3))
+    return _line_layer(body, points, 0.006 * body.size_scale(f), rng.uniform(0.2, 0.3))
 
 
 def _draw_line(body: _Body, f: Finding) -> _FindingLayer:
@@ -780,7 +898,7 @@ def _draw_line(body: _Body, f: Finding) -> _FindingLayer:
     else:  # left subclavian approach
         pts = [[0.5 + 0.3, clav + 0.02], [0.5 + 0.13, clav + 0.05], [0.5 - 0.01, clav + 0.1], [0.5 - 0.03, tip_v]]
     points = np.array(pts) + rng.normal(0.0, 0.008, size=(4, 2))
-    return _line_layer(body, points, 0.0045, rng.uniform(0.15, 0.22))
+    return _line_layer(body, points, 0.0045 * body.size_scale(f), rng.uniform(0.15, 0.22))
 
 
 def _rib_centre(body: _Body, side: str, k: int) -> np.ndarray:
@@ -794,7 +912,7 @@ def _fracture_point(body: _Body, f: Finding) -> tuple[str, int, float, float, fl
     rng = _shape_rng(f)
     side = str(f.laterality)
     t_break = rng.uniform(0.45, 0.85)
-    step = rng.uniform(0.004, 0.009) * (1.0 if f.severity == "acute" else 0.5)
+    step = rng.uniform(0.004, 0.009) * (1.0 if f.severity == "acute" else 0.5) * body.size_scale(f)
     return side, int(f.rib or 5) - 1, t_break, step, rng.uniform(0.8, 1.2)
 
 
@@ -806,15 +924,15 @@ def _draw_fracture(body: _Body, f: Finding) -> _FindingLayer:
     vb = v0 + 0.07 * t_break + 0.1 * a.rib_curve * t_break**2
     r = np.hypot(body.u - ub, body.v - vb)
     callus = (0.03 if f.severity == "acute" else 0.08) * amp
-    density = callus * np.exp(-((r / 0.012) ** 2))
-    return _FindingLayer(density, r < max(0.028, 1.5 * body.px))
+    density = callus * np.exp(-((r / (0.012 * body.size_scale(f))) ** 2))
+    return _FindingLayer(density, r < max(0.028 * body.size_scale(f), 1.5 * body.px))
 
 
 def _draw_thickening(body: _Body, f: Finding) -> _FindingLayer:
     rng = _shape_rng(f)
     (side,) = _sides(f)
     _, a, cy, b = body.lung_box(side)
-    width = max(rng.uniform(0.012, 0.02), 0.8 * body.px) / min(a, b)
+    width = max(rng.uniform(0.012, 0.02) * body.size_scale(f), 0.8 * body.px) / min(a, b)
     r = body.lung_radius[side]
     rim = _inside(np.abs(r - 1.0 + width / 2) - width / 2, body.edge / min(a, b))
     cap = _inside(body.v - (body.top + rng.uniform(0.18, 0.3) * body.lung_height(side)), 2 * body.px)
@@ -904,7 +1022,7 @@ def _anatomy_density(body: _Body, fracture: Finding | None, no_texture: np.ndarr
     for side in ("right", "left"):
         hu, hv = 0.5 + body.sign(side) * (body.inner + 0.03), body.top + 0.45 * body.lung_height(side)
         hila = np.maximum(hila, np.exp(-np.hypot(u - hu, v - hv) / 0.12))
-    markings = (0.03 + 0.05 * hila) * (0.6 + 0.4 * np.clip(lung_texture, -1.5, 1.5))
+    markings = (0.03 + 0.05 * hila) * (0.6 + 0.4 * np.clip(lung_texture, -1.5, 1.5)) * body.tier.texture
     density += lungs * markings * (1.0 - no_texture)
     return density
 
@@ -943,27 +1061,33 @@ def render_study(
     view: str,
     image_size: int,
     rng: np.random.Generator,
+    difficulty: str = "standard",
 ) -> RenderedStudy:
-    """Draw one radiograph and its masks; ``rng`` drives only this exposure (pose, noise)."""
+    """Draw one radiograph and its masks; ``rng`` drives only this exposure (pose, noise).
+
+    ``difficulty`` names a tier of ``DIFFICULTY_TIERS``; it changes how visible findings are, never
+    what is drawn from ``rng`` (same pose and noise stream in every tier).
+    """
     if image_size < 32:
         raise ValueError(f"image_size must be >= 32, got {image_size}")
+    tier = difficulty_tier(difficulty)
     by_kind = {f.kind: f for f in findings}
     if len(by_kind) != len(findings):
         raise ValueError(f"one finding per kind per study, got {[f.kind for f in findings]}")
     pose = sample_pose(profile, view, rng)
-    body = _Body(anatomy, pose, image_size, view, by_kind)
+    body = _Body(anatomy, pose, image_size, view, by_kind, tier)
     layers = {kind: _DRAW[kind](body, f) for kind, f in by_kind.items()}
     no_texture = np.zeros_like(body.u)
     for layer in layers.values():
         if layer.no_texture is not None:
             no_texture = np.maximum(no_texture, layer.no_texture)
     density = _anatomy_density(body, by_kind.get("rib_fracture"), no_texture)
-    for layer in layers.values():
-        density = density + layer.density
+    for kind, layer in layers.items():
+        density = density + layer.density * tier.scale(kind).contrast
 
     image = np.clip((density - 0.3) * profile.contrast + 0.3 + profile.brightness, 0.0, 1.0) ** profile.gamma
-    image = gaussian_filter(image, profile.blur_sigma * image_size / 64, mode="nearest")
-    image = image + rng.normal(0.0, profile.noise_std, size=image.shape)
+    image = gaussian_filter(image, profile.blur_sigma * tier.blur * image_size / 64, mode="nearest")
+    image = image + rng.normal(0.0, profile.noise_std * tier.noise, size=image.shape)
     image = np.clip(image, 0.0, 1.0)
     _burn_marker(image, profile.marker_text, profile.marker_corner)
     pixels = np.round(image * 255).astype(np.uint8)
@@ -1011,8 +1135,14 @@ def generate_federation(
     seed: int = 0,
     dirichlet_alpha: float | None = None,
     test_fraction: float = 0.2,
+    difficulty: str = "standard",
 ) -> list[Path]:
-    """Write one SynthCXR site per folder (manifest, images, masks, findings); return the manifests."""
+    """Write one SynthCXR site per folder (manifest, images, masks, findings); return the manifests.
+
+    ``difficulty`` is a tier of ``DIFFICULTY_TIERS`` (``standard`` or ``cpu``); an unknown name raises
+    ValueError before anything is written.
+    """
+    difficulty_tier(difficulty)
     # The writer imports the report generator, which imports this module: resolve at call time.
     from mlip_fed.data.manifest_writer import write_federation
 
@@ -1024,4 +1154,5 @@ def generate_federation(
         seed=seed,
         dirichlet_alpha=dirichlet_alpha,
         test_fraction=test_fraction,
+        difficulty=difficulty,
     )

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from mlip_fed.privacy.accountant import AccountedStep, EpsilonReport, compute_epsilon
+from mlip_fed.privacy.randomness import secret_seed
 
 StateDict = dict[str, Tensor]
 
@@ -126,7 +127,7 @@ class ClientDPAggregate:
     norms: list[float]
     clipped_fraction: float
     noise_std: float
-    expected_sites: int
+    expected_sites: float
 
 
 def dp_fedavg(
@@ -134,19 +135,19 @@ def dp_fedavg(
     site_weights: Sequence[Mapping[str, Tensor]],
     settings: ClientDPSettings,
     *,
-    expected_sites: int,
+    expected_sites: float,
     generator: torch.Generator,
 ) -> ClientDPAggregate:
     """θ_global + (Σ_k clip(Δ_k, S)) / m + N(0, (z·S/m)²), with m the fixed expected number of sampled sites.
 
-    Fewer replies than m still divide by m (a dropped site contributes a zero update), which keeps the sensitivity at
-    S/m whatever arrives. Integer buffers keep the global value: averaging them is meaningless and releasing a site's
-    value would bypass the clip.
+    m is fixed before anything arrives (the Poisson sample's expected size q*K, or the number of sites asked when
+    every site takes part): fewer replies still divide by m (a dropped site contributes a zero update) and, under
+    Poisson sampling, more sampled sites than m are divided by m too (McMahan et al. 2018's fixed-denominator
+    estimator), which keeps the sensitivity at S/m whatever arrives. Integer buffers keep the global value:
+    averaging them is meaningless and releasing a site's value would bypass the clip.
     """
-    if expected_sites < 1:
-        raise ValueError(f"client DP: expected number of sampled sites must be >= 1, got {expected_sites}")
-    if len(site_weights) > expected_sites:
-        raise ValueError(f"client DP: {len(site_weights)} site updates but only {expected_sites} sites were sampled")
+    if not expected_sites > 0:
+        raise ValueError(f"client DP: expected number of sampled sites must be > 0, got {expected_sites}")
     keys = _float_keys(global_weights)
     acc = {k: torch.zeros(global_weights[k].shape, dtype=torch.float64) for k in keys}
     norms: list[float] = []
@@ -172,11 +173,17 @@ def dp_fedavg(
     )
 
 
-def noise_generator(seed: int, server_round: int) -> torch.Generator:
-    """The round's noise stream: reproducible, and identical for a round retried after a restart.
+def noise_generator(seed: int | None, server_round: int) -> torch.Generator:
+    """The round's noise stream, seeded from the server's OS entropy (``seed=None``, the default path).
 
-    The seed is part of the trusted server's secrets: anyone who knows it and the round can subtract the noise.
+    The server adds this noise, so only the server's own secret entropy may seed it: the experiment seed is in the
+    run config every site composes (and in results.json), so a stream derived from (seed, round) can be regenerated
+    and subtracted by any site or reader of the config. An int ``seed`` (the debug switch
+    ``federation.client_dp_insecure_reproducible_noise``) gives that reproducible, NOT PRIVATE stream. A round
+    re-aggregated after a server restart draws fresh noise: its first aggregate was never checkpointed nor sent.
     """
+    if seed is None:
+        return torch.Generator().manual_seed(secret_seed())
     return torch.Generator().manual_seed(seed * 1_000_003 + server_round * 7919 + 17)
 
 

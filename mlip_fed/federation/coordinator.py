@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import random
+import secrets
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -17,7 +18,7 @@ from typing import Any
 
 from torch import Tensor
 
-from mlip_fed.config import ExperimentConfig
+from mlip_fed.config import ConfigError, ExperimentConfig
 from mlip_fed.federation.aggregate import (
     BANK_GLOBAL_KEYS,
     build_server_optimizer,
@@ -86,8 +87,18 @@ class FederationCoordinator:
         self.log = log
         self.optimizer = build_server_optimizer(self.fed.strategy, self.fed.server_lr)
         self.client_dp = settings_from_config(self.fed)  # None unless federation.client_dp; refuses half-configured
-        #: round -> number of nodes available when it was sampled (q = m/K for the client-DP accountant).
-        self._available: dict[int, int] = {}
+        if self.client_dp is not None and cfg.privacy.mechanism == "none":
+            raise ConfigError(
+                "federation.client_dp=true with privacy.mechanism=none: client-level DP noises only the encoder "
+                "update; every site's prototype-bank sums and counts are merged into the released global bank as "
+                "they arrive, and without a sample-level policy at the sites nothing covers them (epsilon_c does "
+                "not). Set privacy=bucketed (or decomposable), so that each site releases its bank noised and "
+                "ledger-accounted, or federation.client_dp=false. (A deployed site whose own privacy.mechanism is "
+                "none is not refused here, but its bank statistics are never merged under client DP.)"
+            )
+        #: round -> (q, expected number of sampled sites q*K) of the Poisson sample ``select_nodes`` drew under client
+        #: DP: what the round is accounted with and divided by.
+        self._sampling: dict[int, tuple[float, float]] = {}
         config_json = cfg.model_dump(mode="json")
         saved = load_server_state(self.output_dir)
         if saved is not None and not self.fed.resume:
@@ -144,13 +155,27 @@ class FederationCoordinator:
                 self.log(table_row(record))
 
     def select_nodes(self, node_ids: Sequence[int], server_round: int) -> list[int]:
-        """Seeded sample of ``max(min_train_nodes, ceil(fraction_train * available))`` nodes."""
+        """The round's sites.
+
+        Without client-level DP: a sample of ``max(min_train_nodes, ceil(fraction_train * available))`` nodes, seeded by
+        (seed, round) for reproducible runs. Under client-level DP: the sample the accountant charges, a **Poisson**
+        sample in which every available node is included independently with probability q = ``fraction_train``
+        (``min_train_nodes`` does not apply: enforcing a minimum would change the distribution), drawn from the
+        server's OS entropy, since the seed is in every site's config
+        (``federation.client_dp_insecure_reproducible_noise`` keeps it seeded). The round then divides by the
+        fixed expected count q*K, not by the realised one, and is released even when the sample is empty.
+        """
         available = sorted(int(n) for n in node_ids)
         if not available:
             raise ValueError(f"round {server_round}: no nodes connected")
+        if self.client_dp is not None:
+            q = self.fed.fraction_train
+            insecure = self.fed.client_dp_insecure_reproducible_noise
+            rng = random.Random(self.cfg.seed * 100_003 + server_round) if insecure else secrets.SystemRandom()
+            self._sampling[server_round] = (q, q * len(available))
+            return [n for n in available if q >= 1.0 or rng.random() < q]
         wanted = max(self.fed.min_train_nodes, math.ceil(self.fed.fraction_train * len(available)))
         wanted = min(wanted, len(available))
-        self._available[server_round] = len(available)
         return sorted(random.Random(self.cfg.seed * 100_003 + server_round).sample(available, wanted))
 
     def round_request(self, server_round: int) -> RoundRequest:
@@ -194,14 +219,28 @@ class FederationCoordinator:
         epsilons = {u.site_id: float(u.metrics["epsilon"]) for u in updates if "epsilon" in u.metrics}
         if epsilons:  # each DP site's own sample-level epsilon after this round (public ledger parameters)
             record["epsilon"] = epsilons
-        if updates:
+        # A Poisson-sampled client-DP round is released (noise only, if need be) whatever arrives: skipping it would
+        # reveal that nobody was sampled or answered, outside the mechanism the accountant charges.
+        sampled_dp_round = self.client_dp is not None and server_round in self._sampling
+        if updates or sampled_dp_round:
+            record["aggregated"] = True
             weights = [float(u.num_examples) for u in updates]
             if self.client_dp is not None:
                 averaged = self._client_dp_average(server_round, updates, num_sampled, record)
             else:
                 averaged = weighted_average([u.weights for u in updates], weights)
             self.state.weights = self.optimizer.step(self.state.weights, averaged)
-            bank, updated = merge_site_banks(self.state.bank, [u.bank_stats for u in updates], self.fed.bank_min_count)
+            banks = [u.bank_stats for u in updates]
+            if self.client_dp is not None:  # epsilon_c does not cover the bank: merge only sample-level DP releases
+                excluded = [u.site_id for u in updates if "epsilon" not in u.metrics]
+                if excluded:
+                    record["bank_excluded"] = excluded
+                    self.log(
+                        f"[server] round {server_round}: bank statistics of {excluded} not merged: under client DP only "
+                        "a site's noised, ledger-accounted release (privacy.mechanism bucketed/decomposable) is merged"
+                    )
+                banks = [u.bank_stats for u in updates if "epsilon" in u.metrics]
+            bank, updated = merge_site_banks(self.state.bank, banks, self.fed.bank_min_count)
             self.state.bank = bank
             record["bank_updated"] = int(updated.sum())
             reported = [
@@ -378,21 +417,29 @@ class FederationCoordinator:
     ) -> dict[str, Tensor]:
         """DP-FedAvg over the sampled sites; charges the round and writes ``record["client_dp"]``.
 
-        q = m/K with K the nodes available at sampling; a round not sampled by ``select_nodes`` (the in-process
-        simulation, where every site takes part) claims no amplification (q = 1).
+        Sampled by ``select_nodes`` (Poisson at q = fraction_train over K available nodes): accounted at q, divided
+        by the fixed q*K. A round not sampled by ``select_nodes`` (the in-process simulation, where every site takes
+        part) claims no amplification (q = 1) and divides by the number of sites asked.
         """
         assert self.client_dp is not None and self.client_dp_accountant is not None
-        available = self._available.pop(server_round, num_sampled)
-        sample_rate = min(1.0, num_sampled / available)
+        sample_rate, expected = self._sampling.pop(server_round, (1.0, float(num_sampled)))
+        insecure = self.fed.client_dp_insecure_reproducible_noise
+        if insecure:
+            self.log(
+                f"[server] round {server_round}: WARNING federation.client_dp_insecure_reproducible_noise=true: the "
+                "client-DP noise is derived from the experiment seed and the round, which every site knows; this "
+                "round's client-level epsilon is NOT PRIVATE (debugging only)"
+            )
         result = dp_fedavg(
             self.state.weights,
             [u.weights for u in updates],
             self.client_dp,
-            expected_sites=num_sampled,
-            generator=noise_generator(self.cfg.seed, server_round),
+            expected_sites=expected,
+            generator=noise_generator(self.cfg.seed if insecure else None, server_round),  # secret unless debugging
         )
         self.client_dp_accountant.record(ClientDPEvent(server_round, self.client_dp.noise_multiplier, sample_rate))
         record[CLIENT_DP_KEY] = round_entry(result, self.client_dp, sample_rate, self.client_dp_accountant)
+        record[CLIENT_DP_KEY]["noise_source"] = "insecure_reproducible" if insecure else "os_entropy"
         return result.weights
 
     # ------------------------------------------------------------------ persistence

@@ -6,6 +6,7 @@ counts, and the scalar metrics in ``SiteUpdate``. Nothing else leaves a site.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,9 +55,28 @@ class SiteFailure:
         return {"round": self.server_round, "site_id": self.site_id, "node_id": self.node_id, "reason": self.reason}
 
 
-def format_site_error(site_id: str, err: BaseException) -> str:
-    """The reason string a failing site sends; the server parses the site id back with ``parse_site_error``."""
-    return f"[site={site_id}] {type(err).__name__}: {err}"
+#: Refusal codes a DP site may name in its error reply: each is a function of the site's policy, its ledger's public
+#: parameters, its size (public, as q and the delta check already use it) or the server's own requests.
+PUBLIC_REFUSAL_CODES = ("budget", "delta", "noise", "replay", "mechanism", "ledger")
+
+
+def format_site_error(site_id: str, err: BaseException, *, private: bool = False) -> str:
+    """The reason string a failing site sends; the server parses the site id back with ``parse_site_error``.
+
+    ``private=True`` (a site under DP): only a public reason code leaves the site. An exception's message may carry
+    values computed on the training data (a diverged loss, the number of categories one patient touches, ...), which
+    no accountant charges; the site keeps the full message in its own log. A policy refusal keeps its public code
+    (``RoundRefused: refused (budget)`` and the like, so the server still lists it as a refusal); anything else is
+    ``SiteError: failed``.
+    """
+    if not private:
+        return f"[site={site_id}] {type(err).__name__}: {err}"
+    tail = "details in the site's own log"
+    if type(err).__name__ == "RoundRefused":
+        match = re.search(r"refused \(([a-z_]+)\)", str(err))
+        code = match.group(1) if match and match.group(1) in PUBLIC_REFUSAL_CODES else "other"
+        return f"[site={site_id}] RoundRefused: refused ({code}); {tail}"
+    return f"[site={site_id}] SiteError: failed under DP; {tail}"
 
 
 def parse_site_error(reason: str | None) -> str | None:

@@ -4,7 +4,8 @@ Used by the ClientApp in simulation (partition id -> SynthCXR hospital) and, nex
 ``mlip-client``. Under a DP policy (``privacy.mechanism`` bucketed or decomposable) a round goes through
 the site's ``SitePrivacy``: its ledger in ``state_dir``, a policy check before any training (a refused
 round raises ``RoundRefused``; the ClientApp replies with the reason), Poisson sampling of patients,
-the DP gradient, and a noised prototype-bank release; see docs/privacy.md "DP in the federation". The trainer is the same ``LocalTrainer`` that ``mlip-pretrain`` uses. State that
+the DP gradient, and a noised prototype-bank release, all with secret randomness (OS entropy at the site); a
+round is released once per request (stored reply on retry); see docs/privacy.md "DP in the federation". The trainer is the same ``LocalTrainer`` that ``mlip-pretrain`` uses. State that
 must outlive a process -- the trainer checkpoint (optimiser moments, schedule, counters) and the
 bank history -- lives in the site's own ``state_dir``; nothing depends on Flower's in-memory
 ``context.state``.
@@ -25,6 +26,7 @@ from torch.utils.data import DataLoader
 from mlip_fed.config import ExperimentConfig, PrivacyPolicy
 from mlip_fed.federation.aggregate import BANK_STAT_KEYS
 from mlip_fed.federation.payload import RoundRequest, SiteUpdate
+from mlip_fed.federation.reply_store import ReplyStore, exclusive
 from mlip_fed.io import append_jsonl
 from mlip_fed.model.objectives.prototype_bank import PrototypeBank
 from mlip_fed.privacy.ledger import LEDGER_FILENAME
@@ -101,17 +103,26 @@ def proximal_gradient(global_weights: Mapping[str, Tensor], mu: float, max_grad_
 # ---------------------------------------------------------------------------- bank statistics
 @torch.no_grad()
 def accumulate_bank(
-    model: Any, loader: DataLoader, device: torch.device, unit_key: str = "patient_id"
+    model: Any, loader: DataLoader, device: torch.device, unit_key: str | None = None
 ) -> tuple[PrototypeBank, int]:
-    """Per-category sums of unit-norm image/text embeddings and member counts over the site's train split,
-    and the largest number of (record, positive category) pairs one privacy unit (``unit_key``: patient_id or
-    study_id) adds, which must stay within the public bound that sets a DP release's sensitivity.
+    """Per-category sums of unit-norm image/text embeddings and member counts over the site's train split.
+
+    ``unit_key=None`` (no DP): every study adds its embeddings and 1 to each positive category; the second value is
+    the largest number of positive categories of one study. With a privacy unit (``unit_key`` patient_id or study_id,
+    the DP release): each unit's studies are AVERAGED per category first, so a unit adds at most 1 to every row and
+    count it touches (``mlip_fed.privacy.bank_bound``: a patient with k studies positive for one category would
+    otherwise move that row by k, beyond the release's accounted sensitivity); the second value is then the largest
+    number of distinct positive categories of one unit, which must stay within the public
+    ``privacy.prototype_contribution_bound``.
 
     One eval-mode pass after local training, so every member is embedded by the same weights that
     are sent back (during training the weights move under the running sums).
     """
+    from mlip_fed.privacy.bank_bound import UnitCategoryMeans
+
     bank = PrototypeBank(dim=model.prototype_bank.dim, categories=model.prototype_bank.categories)
-    per_unit: dict[str, int] = {}
+    means = UnitCategoryMeans(len(bank.categories), bank.dim) if unit_key is not None else None
+    largest = 0
     was_training = model.training
     model.train(False)
     try:
@@ -120,12 +131,19 @@ def accumulate_bank(
                 continue
             image = model.encode_image(batch["image"].to(device)).embedding
             text = model.encode_text(batch["input_ids"].to(device), batch["attention_mask"].to(device)).embedding
-            bank.accumulate(image, text, batch["labels"])
-            for unit, n in zip(batch[unit_key], (batch["labels"] == 1.0).sum(dim=1).tolist(), strict=True):
-                per_unit[str(unit)] = per_unit.get(str(unit), 0) + int(n)
+            if means is None:
+                bank.accumulate(image, text, batch["labels"])
+                largest = max([largest, *(batch["labels"] == 1.0).sum(dim=1).tolist()])
+            else:
+                means.add(image, text, batch["labels"], [str(u) for u in batch[unit_key]])
     finally:
         model.train(was_training)
-    return bank, max(per_unit.values(), default=0)
+    if means is not None:
+        sum_image, sum_text, count, largest = means.totals()
+        bank.sum_image.copy_(sum_image)
+        bank.sum_text.copy_(sum_text)
+        bank.count.copy_(count)
+    return bank, int(largest)
 
 
 def bank_statistics(model: Any, loader: DataLoader, device: torch.device) -> dict[str, Tensor]:
@@ -257,10 +275,16 @@ class SiteRuntime:
 
         Sent: weights (DP-SGD output), the noised bank (charged), the site's current epsilon and the public
         schedule (sigma, q, steps, delta). Not sent: train loss and per-objective losses, the realised sample
-        count (not accounted); ``num_examples`` is the public expected count q * N * steps.
+        count, train/handler seconds (not accounted); ``num_examples`` is the public expected count q * N * steps.
+        An error reply carries only a public code (``payload.format_site_error(private=True)``).
+
+        Each (run, round) is released once, for one request (weights, bank and config digest): the reply is stored
+        in ``state_dir`` before it leaves, a retry of the same request gets it back byte for byte, another request
+        for that round is refused (``refused (replay)``); see ``federation.reply_store``, ``privacy.request_claims``.
         """
-        from mlip_fed.privacy.engine import _seed
-        from mlip_fed.privacy.site_privacy import PrivacyRefused, SitePrivacy
+        from mlip_fed.privacy.ledger import LedgerMissing, check_ledger_continuity
+        from mlip_fed.privacy.randomness import INSECURE_WARNING
+        from mlip_fed.privacy.request_claims import request_digest
 
         server_round = request.server_round
         run_id = request.config.get("run-id")
@@ -274,29 +298,100 @@ class SiteRuntime:
             raise ValueError(
                 f"[{self.site_id}] proximal-mu={mu} (FedProx) is not wired into the DP gradient; use fedavg or fedadam"
             )
+        if self.cfg.privacy.insecure_reproducible_noise:
+            self.log(f"[{self.site_id}] round {server_round}: WARNING {INSECURE_WARNING}")
+        try:  # a deleted ledger must not restart the budget at 0 (before anything opens, and so creates, the ledger)
+            check_ledger_continuity(self.state_dir)
+        except LedgerMissing as err:
+            self.log(f"[{self.site_id}] round {server_round}: {err}")
+            raise RoundRefused(self.site_id, server_round, f"refused (ledger): {err}") from err
+        # One round, one release: a retry of the same request gets the stored reply, another request is refused.
+        digest = request_digest(request.weights, request.bank, request.config)
+        replies = ReplyStore(self.state_dir, run_id)
+        with exclusive(self.state_dir):
+            stored = self._stored_reply(replies, run_id, server_round, digest)
+            if stored is not None:
+                self.log(f"[{self.site_id}] round {server_round}: same request again; sending the stored reply")
+                return stored
+            update = self._compute_round_dp(request, run_id, digest, local_epochs, num_rounds, per_round, t_start)
+            replies.save(server_round, digest, update)  # before the reply can leave the site
+            self._mark_replied(run_id, server_round, digest)
+            replies.prune(keep_from=server_round - 1)
+        return update
+
+    def _stored_reply(self, replies: ReplyStore, run_id: str, server_round: int, digest: str) -> SiteUpdate | None:
+        """The reply already released for this exact request; refuse another request for an answered round."""
+        from mlip_fed.privacy.ledger import PrivacyLedger
+        from mlip_fed.privacy.request_claims import RequestClaims, conflict_reason
+
+        with PrivacyLedger(self.state_dir / PRIVACY_LEDGER) as ledger:
+            claim = RequestClaims(ledger).lookup(run_id, server_round)
+        if claim is None:
+            return None
+        if claim.digest != digest:
+            reason = f"refused (replay): {conflict_reason(run_id, server_round, claim.digest, digest)}"
+            self.log(f"[{self.site_id}] round {server_round}: {reason}")
+            raise RoundRefused(self.site_id, server_round, reason)
+        stored = replies.load(server_round, digest)
+        if stored is None and claim.replied:
+            raise RoundRefused(
+                self.site_id,
+                server_round,
+                f"refused (replay): run {run_id!r} round {server_round} was answered and its reply is no longer "
+                "stored; a site does not compute a released round again",
+            )
+        return stored  # None: the round never produced a reply (crash), so nothing left the site: run it
+
+    def _mark_replied(self, run_id: str, server_round: int, digest: str) -> None:
+        from mlip_fed.privacy.ledger import PrivacyLedger
+        from mlip_fed.privacy.request_claims import RequestClaims
+
+        with PrivacyLedger(self.state_dir / PRIVACY_LEDGER) as ledger:
+            RequestClaims(ledger).mark_replied(run_id, server_round, digest)
+
+    def _compute_round_dp(
+        self,
+        request: RoundRequest,
+        run_id: str,
+        digest: str,
+        local_epochs: int,
+        num_rounds: int,
+        per_round: int,
+        t_start: float,
+    ) -> SiteUpdate:
+        """Policy check, claim the request, DP training, ledger charge and the noised bank release."""
+        from mlip_fed.privacy.randomness import public_seed
+        from mlip_fed.privacy.request_claims import RequestConflict
+        from mlip_fed.privacy.site_privacy import PrivacyRefused, SitePrivacy
+
+        server_round = request.server_round
         policy, q = self.cfg.privacy, self.sample_rate
-        # Seeded per (site, run, round): a retried round replays the same Poisson draws, dropout and noise, so
-        # re-sending it is post-processing of the release already charged, not a second, uncharged release.
-        round_seed = _seed(self.cfg.seed, self.site_id, run_id, server_round)
+        # The public round seed is used ONLY under privacy.insecure_reproducible_noise; otherwise SitePrivacy draws
+        # every DP seed (noise, Poisson sample, release) and sp.seed (dropout, ITM negatives) from OS entropy.
+        public = public_seed(self.cfg.seed, self.site_id, run_id, server_round)
         sp = SitePrivacy(
-            policy, self.state_dir / PRIVACY_LEDGER, self.num_units, run_id, site=self.site_id, seed=round_seed
+            policy, self.state_dir / PRIVACY_LEDGER, self.num_units, run_id, site=self.site_id, seed=public
         )
         try:
             self._noise_for_run(sp, server_round, run_id, q, per_round * num_rounds, num_rounds)
             retry = any(
                 e.run_id == run_id and e.round == server_round and e.kind == "train" for e in sp.ledger.events()
             )
-            if not retry:  # a retried round was charged already: re-running it costs nothing new
+            if not retry:  # charged already by an attempt that crashed before its reply existed: nothing new leaves
                 refusal = sp.plan_round(server_round, steps=per_round, sample_rate=q)
                 if refusal is not None:
                     self.log(f"[{self.site_id}] round {server_round}: {refusal}")
                     raise RoundRefused(self.site_id, server_round, str(refusal))
+            try:
+                sp.claims.claim(run_id, server_round, digest)
+            except RequestConflict as err:
+                raise RoundRefused(self.site_id, server_round, f"refused (replay): {err}") from err
 
             grad = sp.gradient_fn(self.model)
             try:
-                trainer = self._trainer(request, grad, per_round, num_rounds)
+                trainer = self._trainer(request, grad, per_round, num_rounds, seed=sp.seed % 2**31)
                 loader = sp.poisson_loader(self.train_data, self.collator, self.patient_ids, q)
-                torch.manual_seed(round_seed)
+                torch.manual_seed(sp.seed)
                 t_train = time.perf_counter()
                 trainer.fit(loader, epochs=local_epochs)
                 train_seconds = time.perf_counter() - t_train
@@ -323,10 +418,10 @@ class SiteRuntime:
             self.state_dir / "bank_history.jsonl",
             {"round": server_round, "released_count": release.count.tolist(), "steps": grad.steps},
         )
-        metrics = {
+        # Only public values travel: no timing (train/handler seconds grow with the realised Poisson batch sizes, a
+        # function of the data no accountant charges) and no realised counts; the site's own log keeps the timing.
+        metrics: dict[str, float] = {
             "train_steps": float(grad.steps),
-            "train_seconds": train_seconds,
-            "handler_seconds": time.perf_counter() - t_start,
             "epsilon": spent.epsilon,
             "epsilon_rdp": spent.rdp,
             "delta": policy.delta,
@@ -336,8 +431,12 @@ class SiteRuntime:
         }
         if spent.prv is not None:
             metrics["epsilon_prv"] = spent.prv
+        metrics = {k: float(v) for k, v in metrics.items()}  # plain floats: the stored reply loads weights_only
         expected = max(1, round(q * self.num_train * grad.steps))  # public: q, N and steps are in the ledger
-        self.log(f"[{self.site_id}] round {server_round}: epsilon {spent.epsilon:.3f} (delta {policy.delta:g})")
+        self.log(
+            f"[{self.site_id}] round {server_round}: epsilon {spent.epsilon:.3f} (delta {policy.delta:g}); trained in "
+            f"{train_seconds:.1f} s, handler {time.perf_counter() - t_start:.1f} s (local log only, not sent)"
+        )
         return SiteUpdate(self.site_id, expected, self._weights(), stats, metrics)
 
     def _noise_for_run(
@@ -367,9 +466,17 @@ class SiteRuntime:
         self.log(f"[{self.site_id}] run {run_id}: calibrated sigma={sigma:.4f} for {total_steps} steps at q={q:.4f}")
 
     # ------------------------------------------------------------------ shared plumbing
-    def _trainer(self, request: RoundRequest, gradient_fn: GradientFn, per_round: int, num_rounds: int) -> LocalTrainer:
-        """The site's trainer resumed from its previous round (optimiser moments, schedule, counters)."""
-        train_cfg = self.cfg.train.model_copy(update={"progress_bar": False})
+    def _trainer(
+        self, request: RoundRequest, gradient_fn: GradientFn, per_round: int, num_rounds: int, seed: int | None = None
+    ) -> LocalTrainer:
+        """The site's trainer resumed from its previous round (optimiser moments, schedule, counters).
+
+        ``seed`` replaces ``train.seed`` (under DP: a secret one, so dropout and ITM negatives are not derivable
+        from the experiment config)."""
+        update: dict[str, Any] = {"progress_bar": False}
+        if seed is not None:
+            update["seed"] = seed
+        train_cfg = self.cfg.train.model_copy(update=update)
         trainer = LocalTrainer(
             self.model,
             train_cfg,

@@ -147,12 +147,25 @@ class TextSwapConfig(_Strict):
     max_edits: int = Field(default=1, ge=1, le=4)
 
 
+class SupervisedConfig(_Strict):
+    """Supervised ceiling (not part of MLIP; ``objectives=supervised``): a linear 14-way head on the image tower's
+    pooled feature, BCE on the batch's CheXpert labels (``model/objectives/supervised.py``)."""
+
+    enabled: bool = False
+    weight: float = Field(default=1.0, ge=0.0)
+    #: Uncertain (-1) labels: left out of the loss (U-Ignore), or counted as positive (U-Ones) / negative (U-Zeros).
+    uncertain: Literal["mask", "positive", "negative"] = "mask"
+    #: Blank (not mentioned) labels: negative (CheXpert's convention and the linear probe's) or left out of the loss.
+    blank: Literal["negative", "mask"] = "negative"
+
+
 class ObjectivesConfig(_Strict):
     global_itc: GlobalITCConfig = GlobalITCConfig()
     local_alignment: LocalAlignmentConfig = LocalAlignmentConfig()
     category_contrast: CategoryContrastConfig = CategoryContrastConfig()
     itm: ITMConfig = ITMConfig()
     text_swap: TextSwapConfig = TextSwapConfig()
+    supervised: SupervisedConfig = SupervisedConfig()
 
     @model_validator(mode="after")
     def _something_on(self) -> ObjectivesConfig:
@@ -162,6 +175,10 @@ class ObjectivesConfig(_Strict):
 
     def enabled_names(self) -> list[str]:
         return [name for name in type(self).model_fields if getattr(self, name).enabled]
+
+    def uses_text(self) -> bool:
+        """Whether any enabled objective reads the report (all but the supervised ceiling do)."""
+        return any(name != "supervised" for name in self.enabled_names())
 
 
 class ModelConfig(_Strict):

@@ -31,6 +31,7 @@ from mlip_fed.model.objectives.global_itc import GlobalITC, ema_update_
 from mlip_fed.model.objectives.itm import FusionHead, itm_loss, sample_group_negatives, sample_negatives
 from mlip_fed.model.objectives.local_alignment import LocalAlignment
 from mlip_fed.model.objectives.prototype_bank import PrototypeBank
+from mlip_fed.model.objectives.supervised import SupervisedHead
 from mlip_fed.model.outputs import ImageOutput, LossOutput, TextOutput
 from mlip_fed.model.text_encoder import TextEncoder
 
@@ -113,11 +114,22 @@ class MLIPModel(nn.Module):
                 if obj.itm.enabled
                 else None
             )
+            # Built last, and only when on: every other module keeps the initial weights it has without it.
+            sup = obj.supervised
+            self.supervised_head = (
+                SupervisedHead(dv, len(CHEXPERT_CATEGORIES), uncertain=sup.uncertain, blank=sup.blank)
+                if sup.enabled
+                else None
+            )
         self.prototype_bank = PrototypeBank(dim, CHEXPERT_CATEGORIES, min_count=cc.bank_min_count)
         if not la.enabled:
             # Unused heads would leave parameters without gradients (Opacus fails on those); freeze them.
             self.image_local_head.requires_grad_(False)
             self.text_local_head.requires_grad_(False)
+        if not obj.uses_text():
+            # Supervised ceiling alone: the report tower and the projection heads get no gradient; freeze them too.
+            for module in (self.text_encoder, self.text_global_head, self.text_local_head, self.image_global_head):
+                module.requires_grad_(False)
         self.refresh_knowledge_token_cache()
         if self.category_contrast is not None:
             self.init_knowledge_prototypes()
@@ -259,8 +271,15 @@ class MLIPModel(nn.Module):
         images = batch["image"]
         group_ids = self._group_ids(batch, images.device, images.shape[0])
         image = self.encode_image(images)
-        text = self.encode_text(batch["input_ids"], batch["attention_mask"])
         parts: dict[str, torch.Tensor] = {}
+        if self.supervised_head is not None:
+            if "labels" not in batch:
+                raise KeyError("the supervised objective needs batch['labels'] (CheXpert labels [B, 14])")
+            parts["supervised"] = self.supervised_head.loss(image.pooled, batch["labels"], group_ids=group_ids)
+        if not obj.uses_text():  # the supervised ceiling alone never reads the report
+            weights = {name: getattr(obj, name).weight for name in parts}
+            return LossOutput(total=sum(weights[n] * v for n, v in parts.items()), parts=parts)  # type: ignore[arg-type]
+        text = self.encode_text(batch["input_ids"], batch["attention_mask"])
 
         if self.global_itc is not None:
             image_div = None

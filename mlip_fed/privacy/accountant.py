@@ -3,12 +3,18 @@
 The ledger stores every DP event as (effective noise multiplier, sample rate, steps); that list is a
 sufficient statistic for both accountants (Opacus ``history``), so an accountant rebuilt from the
 ledger after any restart equals one that lived through every step. The reported epsilon is the
-larger of the two upper bounds (reference/privacy.md §9). PRV can be unstable at very large
-epsilon (Opacus #587); if it fails the report says so and uses RDP alone rather than hiding it.
+larger of the two upper bounds by default (reference/privacy.md §9); a site's ``privacy.accountant`` can choose
+``rdp`` or ``prv`` instead (both are valid upper bounds; ``max`` is the conservative default). PRV can be unstable at
+very large epsilon (Opacus #587); if it fails the report says so and uses RDP alone rather than hiding it.
+
+PRV over a long history is the slow part (RDP is closed form), and a site round asks for the same history's epsilon
+several times (policy check, charge, reply): PRV results are cached per (history, delta), so each distinct history is
+computed once per process (``prv_evaluations`` counts the real computations).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Iterable, Sequence
@@ -38,6 +44,10 @@ class AccountedStep:
             )
 
 
+#: ``privacy.accountant`` values: which upper bound is the site's epsilon (budget checks, refusals, reports).
+ACCOUNTANTS = ("max", "rdp", "prv")
+
+
 @dataclass(frozen=True)
 class EpsilonReport:
     delta: float
@@ -45,11 +55,17 @@ class EpsilonReport:
     prv: float | None
     rdp_order: float | None
     prv_error: str | None = None
+    accountant: str = "max"
 
     @property
     def epsilon(self) -> float:
-        """The reported epsilon: max of the RDP and PRV upper bounds."""
-        return self.rdp if self.prv is None else max(self.rdp, self.prv)
+        """The reported epsilon: ``max`` of the RDP and PRV upper bounds (default), or the one ``accountant`` names
+        (``prv`` falls back to RDP when PRV was skipped or failed)."""
+        if self.prv is None or self.accountant == "rdp":
+            return self.rdp
+        if self.accountant == "prv":
+            return self.prv
+        return max(self.rdp, self.prv)
 
 
 def history(steps: Iterable[AccountedStep]) -> list[tuple[float, float, int]]:
@@ -84,13 +100,50 @@ def rdp_epsilon(steps: Sequence[AccountedStep], delta: float) -> tuple[float, fl
 #: max(RDP, PRV) is >= RDP anyway, so the decision "over budget" cannot change.
 PRV_SKIP_ABOVE = 100.0
 
+#: Real PRV computations in this process (cache misses of ``compute_epsilon``): for tests and diagnostics.
+prv_evaluations = 0
+
+
+@functools.lru_cache(maxsize=256)
+def _prv_epsilon(hist: tuple[tuple[float, float, int], ...], delta: float) -> float:
+    """PRV epsilon of an accountant history; cached, since a round asks for the same history several times."""
+    global prv_evaluations
+    prv_evaluations += 1
+    acc = PRVAccountant()
+    acc.history = list(hist)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # log(1 - q) at q = 1 (unsampled releases)
+        return float(acc.get_epsilon(delta=delta))
+
+
+def clear_cache() -> None:
+    """Forget cached PRV results (tests)."""
+    _prv_epsilon.cache_clear()
+
+
+def prv_needed(accountant: str) -> bool:
+    """Whether the site's accountant uses PRV at all (``rdp`` does not: its budget path never computes PRV)."""
+    return accountant != "rdp"
+
 
 def compute_epsilon(
-    steps: Sequence[AccountedStep], delta: float, *, with_prv: bool = True, skip_prv_above: float = PRV_SKIP_ABOVE
+    steps: Sequence[AccountedStep],
+    delta: float,
+    *,
+    with_prv: bool | None = None,
+    skip_prv_above: float = PRV_SKIP_ABOVE,
+    accountant: str = "max",
 ) -> EpsilonReport:
-    """Epsilon at ``delta`` of the composition of ``steps`` from both accountants."""
+    """Epsilon at ``delta`` of the composition of ``steps``; ``accountant`` says which bound ``.epsilon`` is.
+
+    ``with_prv=None``: PRV is computed unless ``accountant="rdp"`` (pass True to report it for information anyway).
+    """
     if not 0 < delta < 1:
         raise ValueError(f"delta must be in (0, 1), got {delta}")
+    if accountant not in ACCOUNTANTS:
+        raise ValueError(f"privacy.accountant must be one of {ACCOUNTANTS}, got {accountant!r}")
+    if with_prv is None:
+        with_prv = prv_needed(accountant)
     rdp, order = rdp_epsilon(steps, delta)
     prv: float | None = None
     error: str | None = None
@@ -99,16 +152,14 @@ def compute_epsilon(
         error = f"PRV skipped: RDP epsilon {rdp:.3g} > {skip_prv_above:g} already (reported epsilon >= RDP)"
     elif with_prv and hist:
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)  # log(1 - q) at q = 1 (unsampled releases)
-                prv = float(prv_accountant(steps).get_epsilon(delta=delta))
+            prv = _prv_epsilon(tuple(hist), float(delta))
             if not math.isfinite(prv):
                 prv, error = None, "PRV returned a non-finite epsilon"
         except Exception as err:  # PRV has known numerical failures at large epsilon; RDP still bounds it
             error = f"PRV accountant failed ({type(err).__name__}: {err}); epsilon from RDP only"
     elif not hist:
         prv = 0.0
-    return EpsilonReport(delta=delta, rdp=rdp, prv=prv, rdp_order=order, prv_error=error)
+    return EpsilonReport(delta=delta, rdp=rdp, prv=prv, rdp_order=order, prv_error=error, accountant=accountant)
 
 
 def calibrate_noise_multiplier(

@@ -16,9 +16,19 @@ Two kinds of canaries:
   minus the same preference at initialisation. Black-box and end to end (bucketing included), but a few CPU
   steps do not memorise them: little power.
 
-The noise-off configuration exists to show the audit catches a broken implementation (the accountant is
-charged with sigma, the engine adds no noise). It is never a silent mode: ``run_canary_audit`` refuses it
-unless the caller passes ``i_know_noise_is_off=True``, and the report says so on its first line.
+Which epsilon the verdict compares against: the one that applies to what was inserted. A gradient canary is a
+privacy unit of its own (a bucket with one member, sensitivity C), so its epsilon is the accountant's at sigma
+(``canary_unit_epsilon``), not the bucketed patient claim at sigma/2 (``claimed_epsilon``, sensitivity 2C). A
+mechanism that applied only sigma/2 would still give every canary exactly the patient claim, so comparing gradient
+canaries against the patient claim cannot see a 2x under-noised engine (nor, with a one-run audit's power, 4x). An
+input canary is a patient that goes through bucketing like any other: its epsilon is the patient claim. Both
+numbers are in every report.
+
+Under-noising on purpose: ``noise_applied_fraction`` f < 1 makes the engine add sigma * f while the accountant
+is still charged with sigma (f = 0.5: 2x under-noised, f = 0: noise off, the old ``noise_off=True``): a
+simulated bug that the audit must catch. It is never a silent mode: ``run_canary_audit`` refuses it unless the
+caller passes ``i_know_this_is_broken=True`` (old name ``i_know_noise_is_off=True``), and the report's first line
+says that the configuration is deliberately broken and by how much.
 """
 
 from __future__ import annotations
@@ -38,7 +48,8 @@ from mlip_fed.config import ExperimentConfig
 from mlip_fed.data.records import StudyRecord
 from mlip_fed.privacy.accountant import AccountedStep, calibrate_noise_multiplier, compute_epsilon
 from mlip_fed.privacy.canary import audit_scores
-from mlip_fed.privacy.engine import SENSITIVITY_FACTOR, _seed
+from mlip_fed.privacy.engine import SENSITIVITY_FACTOR
+from mlip_fed.privacy.randomness import public_seed as _seed
 
 CANARY_PREFIX = "canary"
 CANARY_WORDS = 6
@@ -46,7 +57,11 @@ CANARY_GRID = 4
 
 
 class NoiseOffRefused(ValueError):
-    """The noise-off (deliberately broken) audit configuration was asked for without the explicit flag."""
+    """An under-noised or noise-off (deliberately broken) audit configuration was asked for without the flag."""
+
+
+#: The same refusal under a name that says what it covers (any noise_applied_fraction < 1).
+UnderNoisingRefused = NoiseOffRefused
 
 
 # ---------------------------------------------------------------------------- canaries
@@ -128,6 +143,7 @@ class CanaryRunReport:
     mechanism: str
     kind: str
     noise_off: bool
+    noise_applied_fraction: float
     canaries: int
     included: int
     guesses: int
@@ -151,18 +167,68 @@ class CanaryRunReport:
     seconds: float
 
     @property
+    def verdict_against(self) -> str:
+        """Which epsilon the verdict uses: ``canary_unit_epsilon`` (gradient) or ``claimed_epsilon`` (input)."""
+        return "canary_unit_epsilon" if self.kind == "gradient" else "claimed_epsilon"
+
+    @property
+    def verdict_epsilon(self) -> float:
+        """The epsilon that applies to one inserted canary, which the lower bound must not exceed."""
+        return self.canary_unit_epsilon if self.kind == "gradient" else self.claimed_epsilon
+
+    @property
     def passed(self) -> bool:
-        return self.epsilon_lower_bound <= self.claimed_epsilon
+        return self.epsilon_lower_bound <= self.verdict_epsilon
+
+    @property
+    def broken(self) -> bool:
+        """Deliberately under-noised (noise_applied_fraction < 1, noise off included)."""
+        return self.noise_applied_fraction < 1.0
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "passed": self.passed}
+        return {
+            **asdict(self),
+            "deliberately_broken": self.broken,
+            "verdict_against": self.verdict_against,
+            "verdict_epsilon": self.verdict_epsilon,
+            "passed": self.passed,
+        }
+
+    def broken_line(self) -> str | None:
+        """The report's first line for a deliberately broken configuration, None for a correct one."""
+        if not self.broken:
+            return None
+        claimed, applied = self.noise_multiplier_claimed, self.noise_multiplier_applied
+        if self.noise_applied_fraction == 0:
+            return (
+                f"!! NOISE OFF: deliberately broken configuration (the accountant claims sigma={claimed:.4g}, "
+                "none is added)"
+            )
+        return (
+            f"!! UNDER-NOISED {1 / self.noise_applied_fraction:.3g}x: deliberately broken configuration "
+            f"(the accountant claims sigma={claimed:.4g}, the engine adds {self.noise_applied_fraction:g} of it: "
+            f"sigma={applied:.4g})"
+        )
 
     def text(self) -> str:
         verdict = "PASS" if self.passed else "FAIL"
         lines = []
-        if self.noise_off:
-            lines.append("!! NOISE OFF: deliberately broken configuration (the accountant claims sigma, none is added)")
+        broken = self.broken_line()
+        if broken is not None:
+            lines.append(broken)
         prv = "n/a" if self.claimed_epsilon_prv is None else f"{self.claimed_epsilon_prv:.4f}"
+        factor = SENSITIVITY_FACTOR.get(self.mechanism, 1.0)
+        at = "sigma" if factor == 1 else f"sigma/{factor:g}"
+        if self.kind == "gradient" and factor != 1:
+            why = (
+                "a gradient canary is a unit of its own (sensitivity C, charged at sigma), not a patient joining a "
+                f"bucket (charged at {at}): the canary-unit epsilon is the one that applies to it"
+            )
+        elif self.kind == "gradient":
+            why = "a gradient canary is a unit of its own (sensitivity C, charged at sigma, like every unit here)"
+        else:
+            why = "an input canary is a patient, bucketed like any other: the patient claim applies to it"
+        used = "canary-unit epsilon" if self.verdict_against == "canary_unit_epsilon" else "claimed epsilon"
         lines += [
             f"One-run canary audit ({self.mechanism}, {self.kind} canaries, Steinke-Nasr-Jagielski 2023)",
             f"  canaries          : {self.canaries} {self.kind} canaries ({self.included} included by secret coin "
@@ -171,23 +237,49 @@ class CanaryRunReport:
             f"{self.correct} correct",
             f"  epsilon lower bnd : {self.epsilon_lower_bound:.4f} at {self.confidence:.0%} confidence, "
             f"delta={self.delta:g}",
-            f"  claimed epsilon   : {self.claimed_epsilon:.4f} (max of RDP {self.claimed_epsilon_rdp:.4f}, PRV {prv}); "
-            f"a lone canary unit (sensitivity C) has epsilon {self.canary_unit_epsilon:.4f}",
+            f"  claimed epsilon   : {self.claimed_epsilon:.4f} (a data unit, e.g. a patient, charged at {at}: max of "
+            f"RDP {self.claimed_epsilon_rdp:.4f}, PRV {prv})",
+            f"  canary-unit eps   : {self.canary_unit_epsilon:.4f} "
+            "(a lone canary unit: sensitivity C, charged at sigma)",
             f"  run               : sigma claimed {self.noise_multiplier_claimed:.4g}, applied "
-            f"{self.noise_multiplier_applied:.4g}; q={self.sample_rate:.4g}, {self.steps} steps, "
-            f"{self.num_buckets} buckets, C={self.clipping_norm:g}; {self.site_records} site records; "
-            f"{self.seconds:.0f} s",
-            f"  verdict           : {verdict} (lower bound {'<=' if self.passed else '>'} claimed epsilon)",
+            f"{self.noise_multiplier_applied:.4g} ({self.noise_applied_fraction:g} of it); q={self.sample_rate:.4g}, "
+            f"{self.steps} steps, {self.num_buckets} buckets, C={self.clipping_norm:g}; {self.site_records} site "
+            f"records; {self.seconds:.0f} s",
+            f"  verdict           : {verdict} (lower bound {self.epsilon_lower_bound:.4f} "
+            f"{'<=' if self.passed else '>'} {used} {self.verdict_epsilon:.4f})",
+            f"  compared against  : {used}; {why}",
         ]
         return "\n".join(lines) + "\n"
 
 
-def check_noise_off(noise_off: bool, i_know_noise_is_off: bool) -> None:
-    if noise_off and not i_know_noise_is_off:
+def check_noise_applied(noise_applied_fraction: float, i_know_this_is_broken: bool) -> None:
+    """Refuse a deliberately under-noised audit (fraction < 1) unless it is explicitly confirmed; check the range."""
+    if not 0.0 <= noise_applied_fraction <= 1.0:
+        raise ValueError(f"--noise-applied-fraction must be in [0, 1], got {noise_applied_fraction}")
+    if noise_applied_fraction < 1.0 and not i_know_this_is_broken:
+        what = "noise off" if noise_applied_fraction == 0 else f"{1 / noise_applied_fraction:.3g}x under-noising"
         raise NoiseOffRefused(
-            "noise off trains WITHOUT differential privacy while the accountant still claims epsilon; it exists "
-            "only to show the audit catches a broken implementation. Pass --i-know-noise-is-off to run it."
+            f"{what} (noise applied fraction {noise_applied_fraction:g}) trains with less noise than the accountant "
+            "is charged for, so the claimed epsilon is false; it exists only to show the audit catches a broken "
+            "implementation. Pass --i-know-this-is-broken (old name: --i-know-noise-is-off) to run it."
         )
+
+
+def resolve_noise_applied_fraction(noise_off: bool, noise_applied_fraction: float | None) -> float:
+    """``noise_off=True`` is the old spelling of fraction 0; both at once must agree. Default 1 (correct)."""
+    if noise_off:
+        if noise_applied_fraction not in (None, 0.0):
+            raise ValueError(
+                f"--noise-off means noise applied fraction 0; got also --noise-applied-fraction "
+                f"{noise_applied_fraction}"
+            )
+        return 0.0
+    return 1.0 if noise_applied_fraction is None else float(noise_applied_fraction)
+
+
+def check_noise_off(noise_off: bool, i_know_noise_is_off: bool) -> None:
+    """Backward-compatible form of ``check_noise_applied`` for the noise-off case."""
+    check_noise_applied(0.0 if noise_off else 1.0, i_know_noise_is_off)
 
 
 CANARY_KINDS = ("gradient", "input")
@@ -214,7 +306,7 @@ class _Run:
     factor: float
     sample_rate: float
     steps: int
-    noise_off: bool
+    noise_applied_fraction: float
     progress: bool
 
     def train(self, model: Any, records: Sequence[StudyRecord], extra: Any = None) -> tuple[Any, Any]:
@@ -235,10 +327,13 @@ class _Run:
         )
         engine = BucketedClippingGradient(
             model,
-            noise_multiplier=0.0 if self.noise_off else self.sigma,
+            # < sigma only in the deliberately broken configurations (the accountant is still charged sigma)
+            noise_multiplier=self.sigma * self.noise_applied_fraction,
             clipping_norm=policy.clipping_norm,
             num_buckets=policy.num_buckets,
             mode=policy.mechanism,  # type: ignore[arg-type]
+            unit=policy.privacy_unit,
+            # seeded: the audit harness is reproducible; its noisy output is scored here, never released
             seed=_seed("canary-noise", self.cfg.seed),
             extra_unit_gradients=extra,
         )
@@ -267,6 +362,8 @@ def run_canary_audit(
     significance: float = 0.05,
     noise_off: bool = False,
     i_know_noise_is_off: bool = False,
+    noise_applied_fraction: float | None = None,
+    i_know_this_is_broken: bool = False,
     progress: bool = False,
 ) -> CanaryRunReport:
     """Insert m canaries (each with probability 1/2) into a site's DP training run, score them, bound epsilon.
@@ -276,13 +373,19 @@ def run_canary_audit(
     added to the site's records, scored by their image-text margin. sigma is ``privacy.noise_multiplier`` or, if
     unset, calibrated so that ``steps`` steps at ``sample_rate`` cost ``privacy.epsilon_budget``; the claimed
     epsilon is the accountant's for exactly this run. Writes ``canaries.csv`` (id, included, score, ...) under
-    ``out_dir``.
+    ``out_dir``. The verdict compares the lower bound with ``canary_unit_epsilon`` for gradient canaries and with
+    ``claimed_epsilon`` for input canaries (``CanaryRunReport.verdict_epsilon``).
+
+    ``noise_applied_fraction`` (default 1): the engine adds sigma * fraction while the accountant is charged sigma;
+    < 1 is deliberately broken (0.5: 2x under-noised; 0: noise off, also spelled ``noise_off=True``) and refused
+    (``NoiseOffRefused``) unless ``i_know_this_is_broken`` (or its old name ``i_know_noise_is_off``) is True.
     """
     import time
 
     from mlip_fed import pipeline
 
-    check_noise_off(noise_off, i_know_noise_is_off)
+    fraction = resolve_noise_applied_fraction(noise_off, noise_applied_fraction)
+    check_noise_applied(fraction, i_know_this_is_broken or i_know_noise_is_off)
     policy = cfg.privacy
     if policy.mechanism == "none":
         raise ValueError("privacy.mechanism='none' claims no epsilon: audit privacy=bucketed or privacy=decomposable")
@@ -308,7 +411,7 @@ def run_canary_audit(
             policy.epsilon_budget, policy.delta, sample_rate, steps, sensitivity_factor=factor
         )
     sigma = max(sigma, policy.min_noise_multiplier)
-    run = _Run(cfg, sigma, factor, sample_rate, steps, noise_off, progress)
+    run = _Run(cfg, sigma, factor, sample_rate, steps, fraction, progress)
     data = pipeline.load_records(cfg.data, site)
     model = pipeline.build_model(cfg)
     included = canary_inclusion(m, cfg.seed)
@@ -325,7 +428,8 @@ def run_canary_audit(
     return CanaryRunReport(
         mechanism=policy.mechanism,
         kind=kind,
-        noise_off=noise_off,
+        noise_off=fraction == 0.0,
+        noise_applied_fraction=fraction,
         canaries=m,
         included=int(included.sum()),
         guesses=audit.guesses,
@@ -340,7 +444,7 @@ def run_canary_audit(
         claimed_epsilon_prv=accounted.prv,
         canary_unit_epsilon=canary_unit.epsilon,
         noise_multiplier_claimed=sigma,
-        noise_multiplier_applied=0.0 if noise_off else sigma,
+        noise_multiplier_applied=sigma * fraction,
         sample_rate=sample_rate,
         steps=engine_steps,
         num_buckets=policy.num_buckets,
@@ -424,11 +528,14 @@ __all__ = [
     "CANARY_KINDS",
     "CanaryRunReport",
     "NoiseOffRefused",
+    "UnderNoisingRefused",
     "canary_inclusion",
+    "check_noise_applied",
     "check_noise_off",
     "default_guesses",
     "make_canaries",
     "pair_margins",
+    "resolve_noise_applied_fraction",
     "run_canary_audit",
     "write_scores",
 ]

@@ -23,13 +23,20 @@ add white-box canary units: each is a privacy unit of its own whose gradient is 
 bucket and summed *before* the noise, so the audit exercises this engine's noise and normalisation unchanged.
 Training code never passes it.
 
-Noise comes from a seeded ``torch.Generator`` (reproducible runs); ``secure_mode`` is therefore
-false and the audit says so.
+Randomness (``mlip_fed.privacy.randomness``): the noise and the Poisson sample are secret by default -- seeded
+from OS entropy in this process, never from values the server knows (the run config's seed, the run id, the round),
+which would let it regenerate the noise and subtract it. ``secure_mode`` (default on) reseeds the noise generator
+from OS entropy for every tensor and applies Opacus' floating-point mitigation. An explicit ``seed`` makes a run
+reproducible (tests, the canary-audit harness, ``privacy.insecure_reproducible_noise``) and is never private.
+
+Privacy unit in decomposable mode: ``unit="patient"`` groups a batch's records by ``patient_id`` and clips each
+patient's summed gradient (the loss is a sum of per-record terms, so the patient's gradient is the sum of its
+records'), so adding or removing a patient moves the clipped sum by at most C, as accounted. Clipping each record
+instead (``unit="record"``) bounds a patient with k records only by kC.
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -40,6 +47,7 @@ from opacus import GradSampleModule
 from torch import nn
 
 from mlip_fed.privacy.buckets import bucket_ids
+from mlip_fed.privacy.randomness import GaussianNoise, public_seed, secret_seed
 
 Mode = Literal["bucketed", "decomposable"]
 SENSITIVITY_FACTOR: dict[str, float] = {"bucketed": 2.0, "decomposable": 1.0}
@@ -50,11 +58,6 @@ def effective_noise_multiplier(mode: str, noise_multiplier: float) -> float:
     if mode not in SENSITIVITY_FACTOR:
         raise ValueError(f"unknown DP mechanism {mode!r}; expected one of {sorted(SENSITIVITY_FACTOR)}")
     return noise_multiplier / SENSITIVITY_FACTOR[mode]
-
-
-def _seed(*parts: object) -> int:
-    digest = hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") % (2**63)
 
 
 def empty_batch() -> dict[str, Any]:
@@ -68,7 +71,8 @@ class PoissonLoader:
     Each step includes every unit independently with probability q and yields all records of the included
     units (an empty step yields ``empty_batch()``; it must still take a noise step). Draws are seeded by
     (seed, epoch, step), so a resumed epoch replays the same batches. ``batch["group_ids"]`` holds each
-    record's patient bucket.
+    record's patient bucket. ``seed=None`` (default) draws a secret seed from OS entropy: who was sampled must stay
+    unknown to the server (amplification by sampling assumes it). A given seed is reproducible and public.
     """
 
     def __init__(
@@ -81,7 +85,7 @@ class PoissonLoader:
         num_buckets: int,
         unit: Literal["patient", "record"] = "patient",
         steps_per_epoch: int | None = None,
-        seed: int = 0,
+        seed: int | None = None,
     ) -> None:
         if not 0.0 < sample_rate <= 1.0:
             raise ValueError(f"PoissonLoader: sample_rate must be in (0, 1], got {sample_rate}")
@@ -92,7 +96,7 @@ class PoissonLoader:
         self.sample_rate = sample_rate
         self.num_buckets = num_buckets
         self.unit = unit
-        self.seed = seed
+        self.seed = secret_seed() if seed is None else seed
         self.epoch = 0
         self.steps_per_epoch = steps_per_epoch or max(1, int(1 / sample_rate))
         keys = [str(p) for p in patient_ids] if unit == "patient" else [str(i) for i in range(len(patient_ids))]
@@ -113,7 +117,7 @@ class PoissonLoader:
         return self.steps_per_epoch
 
     def sample_indices(self, epoch: int, step: int) -> list[int]:
-        generator = torch.Generator().manual_seed(_seed("poisson", self.seed, epoch, step))
+        generator = torch.Generator().manual_seed(public_seed("poisson", self.seed, epoch, step))
         chosen = (torch.rand(self.num_units, generator=generator) < self.sample_rate).nonzero(as_tuple=True)[0]
         return [i for u in chosen.tolist() for i in self._unit_records[u]]
 
@@ -158,7 +162,12 @@ class BucketedClippingGradient:
     ``mode="bucketed"``: groups = ``batch["group_ids"]`` (patient buckets; recomputed from ``patient_id`` if absent);
     the model's loss must be group-masked (MLIPModel does it when it sees ``group_ids``). Sensitivity 2C.
     ``mode="decomposable"``: every record is its own group and the loss is ``loss_fn`` (default:
-    ``PublicNegativesLoss``), whose record-k term depends on record k and public data only. Sensitivity C.
+    ``PublicNegativesLoss``), whose record-k term depends on record k and public data only. ``unit`` says what is
+    clipped: ``"patient"`` sums each patient's records' gradients (``batch["patient_id"]``) and clips the sum,
+    ``"record"`` clips every record. Sensitivity C per unit.
+
+    ``seed=None``: secret noise (OS entropy); ``secure_mode``: reseeded per tensor plus the floating-point
+    mitigation (see ``mlip_fed.privacy.randomness``). A given ``seed`` is reproducible and never private.
 
     Call ``close()`` to remove the Opacus hooks. ``steps`` counts noise steps (empty batches included): that is
     what the ledger must be charged with.
@@ -175,7 +184,9 @@ class BucketedClippingGradient:
         clipping_norm: float,
         num_buckets: int,
         mode: Mode = "bucketed",
-        seed: int = 0,
+        seed: int | None = None,
+        secure_mode: bool = True,
+        unit: Literal["patient", "record"] = "record",
         loss_fn: Callable[[nn.Module, dict[str, Any]], tuple[torch.Tensor, dict[str, torch.Tensor]]] | None = None,
         extra_unit_gradients: ExtraUnitGradients | None = None,
     ) -> None:
@@ -186,6 +197,8 @@ class BucketedClippingGradient:
             )
         if mode not in SENSITIVITY_FACTOR:
             raise ValueError(f"BucketedClippingGradient: unknown mode {mode!r}")
+        if unit not in ("patient", "record"):
+            raise ValueError(f"BucketedClippingGradient: unknown privacy unit {unit!r}")
         if mode == "decomposable" and loss_fn is None:
             loss_fn = PublicNegativesLoss(model)
         self.model = model
@@ -193,9 +206,11 @@ class BucketedClippingGradient:
         self.clipping_norm = clipping_norm
         self.num_buckets = num_buckets
         self.mode = mode
+        self.unit = unit
         self.loss_fn = loss_fn
         self.extra_unit_gradients = extra_unit_gradients
-        self.generator = torch.Generator().manual_seed(_seed("noise", seed))
+        self.noise = GaussianNoise(None if seed is None else public_seed("noise", seed), secure_mode=secure_mode)
+        self.generator = self.noise.generator
         self.steps = 0
         self.last_stats: StepStats | None = None
         self._params = [p for p in model.parameters() if p.requires_grad]
@@ -229,7 +244,7 @@ class BucketedClippingGradient:
         scale = loss_scale / self.num_buckets
         std = self.noise_multiplier * self.clipping_norm
         for p, s, prev in zip(self._params, summed, previous, strict=True):
-            noise = torch.normal(0.0, std, size=p.shape, generator=self.generator).to(p.device, p.dtype)
+            noise = self.noise.sample(p.shape, std).to(p.device, p.dtype)
             private = (s.to(p.dtype) + noise) * scale
             p.grad = private if prev is None else prev + private
         self.steps += 1
@@ -300,7 +315,12 @@ class BucketedClippingGradient:
 
     def _groups(self, batch: dict[str, Any], n: int) -> torch.Tensor:
         if self.mode == "decomposable":
-            return torch.arange(n)
+            if self.unit == "record":
+                return torch.arange(n)
+            if "patient_id" not in batch:
+                raise KeyError("per-patient clipping (unit='patient') needs batch['patient_id']")
+            index: dict[str, int] = {}
+            return torch.tensor([index.setdefault(str(p), len(index)) for p in batch["patient_id"]], dtype=torch.long)
         groups = batch.get("group_ids")
         if groups is None:
             if "patient_id" not in batch:

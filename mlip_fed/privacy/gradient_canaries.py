@@ -34,7 +34,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from mlip_fed.privacy.engine import UnitGradient, _seed
+from mlip_fed.privacy.engine import UnitGradient
+from mlip_fed.privacy.randomness import public_seed as _seed
 
 
 @dataclass(frozen=True)

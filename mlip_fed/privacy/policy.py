@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from mlip_fed.config import PrivacyPolicy
-from mlip_fed.privacy.accountant import AccountedStep, compute_epsilon
+from mlip_fed.privacy.accountant import PRV_SKIP_ABOVE, AccountedStep, compute_epsilon
 
 
 @dataclass(frozen=True)
@@ -52,9 +52,15 @@ def check_round(
             f"{policy.min_noise_multiplier}",
         )
     assert policy.epsilon_budget is not None  # enforced by PrivacyPolicy
-    before = compute_epsilon(spent, policy.delta).epsilon
-    after = compute_epsilon([*spent, *planned], policy.delta, skip_prv_above=policy.epsilon_budget).epsilon
+    after = compute_epsilon(
+        [*spent, *planned],
+        policy.delta,
+        skip_prv_above=budget_prv_skip(policy),
+        accountant=policy.accountant,
+    ).epsilon
     if after > policy.epsilon_budget:
+        # "before" only for the message: computing it on every allowed round would be one more PRV over the history
+        before = compute_epsilon(spent, policy.delta, accountant=policy.accountant).epsilon
         return Refusal(
             "budget",
             f"this round would raise epsilon from {before:.3f} to {after:.3f} at delta={policy.delta:g}, above the "
@@ -63,3 +69,11 @@ def check_round(
             epsilon_after=after,
         )
     return None
+
+
+def budget_prv_skip(policy: PrivacyPolicy) -> float:
+    """Above which RDP epsilon a budget check may skip PRV: the budget itself when the reported epsilon is
+    max(RDP, PRV) (it is >= RDP > budget either way); with ``accountant="prv"`` PRV decides, so only the
+    accountant's numerical limit applies."""
+    assert policy.epsilon_budget is not None
+    return policy.epsilon_budget if policy.accountant in ("max", "rdp") else PRV_SKIP_ABOVE

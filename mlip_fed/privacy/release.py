@@ -1,12 +1,23 @@
 """DP release of prototype-bank statistics: noisy per-category sums of unit-norm embeddings and counts.
 
 A per-category mean embedding leaks a patient's embedding when the category is small, and counts
-leak case mix (reference/privacy.md §8). Each embedding is unit-norm and one privacy unit adds at
-most L (record, category) pairs, so one unit moves the image sums, text sums and counts by at most
-sqrt(L) each in L2. Gaussian noise N(0, sigma^2) on every coordinate of all three gives a Gaussian
-mechanism with effective noise multiplier z = sigma / sqrt(3 L) (RDP(alpha) = alpha * 3L / (2 sigma^2)),
-charged to the ledger at sample rate 1. Categories are suppressed by thresholding the NOISY counts
-(thresholding the true counts would itself be a non-private release); suppression is post-processing.
+leak case mix (reference/privacy.md §8).
+
+Sensitivity. The statistics are built per privacy unit (``federation.site.accumulate_bank`` with a unit key): a
+unit's records positive for category c are first AVERAGED (mean of their unit-norm image embeddings, mean of their
+text embeddings, norm <= 1 each) and the unit then adds that mean and a count of 1 to row c. So one unit moves each
+row of each statistic by at most 1, and touches at most L_u = its number of distinct positive categories rows; its
+L2 contribution is sqrt(L_u) per statistic. Summing records instead would be wrong: a patient with k follow-up
+studies positive for c moves row c by k, i.e. the L2 bound is sqrt(sum_c k_c^2), not sqrt(L) (9 studies in one
+category move one row by 9, where sqrt(14) = 3.7 was accounted per statistic). With L = the public ``prototype_contribution_bound``
+(>= every L_u; L_u <= K, the number of categories, so L = K = 14 never refuses), Gaussian noise N(0, sigma^2) on
+every coordinate of all three statistics is a Gaussian mechanism with effective noise multiplier
+z = sigma / sqrt(3 L) (RDP(alpha) = alpha * 3L / (2 sigma^2)), charged at sample rate 1. Categories are suppressed
+by thresholding the NOISY counts (thresholding the true counts would itself be a non-private release);
+suppression is post-processing. Counts are therefore numbers of units (patients), not of studies.
+
+The noise is a ``GaussianNoise`` (secret, see ``mlip_fed.privacy.randomness``); a plain ``torch.Generator`` is
+accepted for tests only.
 """
 
 from __future__ import annotations
@@ -15,6 +26,8 @@ import math
 from dataclasses import dataclass
 
 import torch
+
+from mlip_fed.privacy.randomness import GaussianNoise
 
 
 @dataclass(frozen=True)
@@ -37,12 +50,15 @@ def release_effective_noise(noise_multiplier: float, contribution_bound: int, nu
 
 
 def contribution_count(labels: torch.Tensor, unit_ids: list[str]) -> int:
-    """Largest number of (record, positive category) pairs of one unit in this data (must be <= the public bound)."""
-    positive = (labels == 1.0).sum(dim=1).tolist()
-    per_unit: dict[str, int] = {}
-    for unit, n in zip(unit_ids, positive, strict=True):
-        per_unit[unit] = per_unit.get(unit, 0) + int(n)
-    return max(per_unit.values(), default=0)
+    """Largest number of distinct positive categories of one unit in this data (must be <= the public bound).
+
+    Distinct categories, not (record, category) pairs: the bank averages a unit's records per category, so a unit
+    adds at most 1 to each row it touches (module docstring)."""
+    positive = labels == 1.0
+    per_unit: dict[str, torch.Tensor] = {}
+    for unit, row in zip(unit_ids, positive, strict=True):
+        per_unit[unit] = per_unit[unit] | row if unit in per_unit else row.clone()
+    return max((int(v.sum()) for v in per_unit.values()), default=0)
 
 
 def release_prototypes(
@@ -53,9 +69,14 @@ def release_prototypes(
     noise_multiplier: float,
     contribution_bound: int,
     threshold: float,
-    generator: torch.Generator,
+    noise: GaussianNoise | None = None,
+    generator: torch.Generator | None = None,
 ) -> PrototypeRelease:
-    """Noise all three statistics, then suppress categories whose noisy count is below ``threshold``."""
+    """Noise all three statistics, then suppress categories whose noisy count is below ``threshold``.
+
+    ``noise`` is the site's secret ``GaussianNoise``; ``generator`` (tests only) draws plain reproducible noise."""
+    if (noise is None) == (generator is None):
+        raise ValueError("release_prototypes: give exactly one of noise (a GaussianNoise) or generator (tests)")
     k = count.shape[0]
     if sum_image.shape[0] != k or sum_text.shape != sum_image.shape:
         raise ValueError(
@@ -64,6 +85,8 @@ def release_prototypes(
     z = release_effective_noise(noise_multiplier, contribution_bound)
 
     def noisy(x: torch.Tensor) -> torch.Tensor:
+        if noise is not None:
+            return x.float() + noise.sample(x.shape, noise_multiplier)
         return x.float() + torch.normal(0.0, noise_multiplier, size=x.shape, generator=generator)
 
     n_img, n_txt, n_cnt = noisy(sum_image), noisy(sum_text), noisy(count)

@@ -9,16 +9,23 @@ Usage from the federation (one object per site process; the ledger file outlives
     grad = sp.gradient_fn(model)                              # LocalTrainer(..., gradient_fn=grad)
     ... trainer.fit(loader, epochs) ...
     sp.record_training(rnd, steps=grad.steps, sample_rate=q)  # before the reply leaves the site
-    release = sp.release_bank(model.prototype_bank, rnd)      # noisy sums/counts, charged
+    bank, L_u = accumulate_bank(model, loader, device, "patient_id")  # per-unit category means (federation.site)
+    release = sp.release_bank(bank, rnd, observed_contributions=L_u)  # noisy sums/counts, charged
     grad.close()
+
+Randomness: every DP draw (gradient noise, Poisson sample, prototype-release noise) is seeded from OS entropy in
+this object, never from the ``seed`` the caller passes (the site derives it from the experiment seed, site id, run id
+and round: all known to the server). Only ``privacy.insecure_reproducible_noise`` (debugging) uses that public seed;
+it warns on every construction (= every round) and marks the ledger events ``noise_source: insecure_reproducible``.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from mlip_fed.config import PrivacyPolicy
@@ -27,12 +34,22 @@ from mlip_fed.privacy.engine import (
     SENSITIVITY_FACTOR,
     BucketedClippingGradient,
     PoissonLoader,
-    _seed,
     effective_noise_multiplier,
 )
 from mlip_fed.privacy.ledger import LedgerEvent, PrivacyLedger
-from mlip_fed.privacy.policy import Refusal, check_round
+from mlip_fed.privacy.policy import Refusal, budget_prv_skip, check_round
+from mlip_fed.privacy.randomness import (
+    INSECURE_SOURCE,
+    INSECURE_WARNING,
+    SECRET_SOURCE,
+    GaussianNoise,
+    public_seed,
+    secret_seed,
+)
 from mlip_fed.privacy.release import PrototypeRelease, release_effective_noise, release_prototypes
+from mlip_fed.privacy.request_claims import RequestClaims
+
+logger = logging.getLogger("mlip_fed.privacy")
 
 
 class PrivacyRefused(RuntimeError):
@@ -50,19 +67,33 @@ class SitePrivacy:
         run_id: str,
         *,
         site: str = "site",
-        seed: int = 0,
+        seed: int | None = None,
     ) -> None:
+        """``seed``: the public seed used ONLY under ``privacy.insecure_reproducible_noise``; otherwise ignored."""
         self.policy = policy
         self.num_records = num_records
         self.run_id = run_id
-        self.seed = seed
+        self.insecure = policy.insecure_reproducible_noise
+        #: Root of this round's DP draws: OS entropy, or the caller's public seed under the debug switch.
+        self.seed = (seed or 0) if self.insecure else secret_seed()
+        self.noise_source = INSECURE_SOURCE if self.insecure else SECRET_SOURCE
+        self.secure_mode = policy.secure_mode and not self.insecure
         self.ledger = PrivacyLedger(ledger_path)
+        self.claims = RequestClaims(self.ledger)
         self.noise_multiplier = policy.noise_multiplier
-        self._release_generator = torch.Generator().manual_seed(_seed("release", seed, run_id))
+        #: The history ``plan_round`` found within budget (ledger + the round's planned events): charging a prefix of
+        #: it needs no second accountant run (epsilon only grows with more events).
+        self._approved: list[AccountedStep] | None = None
+        self._release_noise = GaussianNoise(
+            public_seed("release", self.seed, run_id) if self.insecure else None, secure_mode=policy.secure_mode
+        )
         self.ledger.set_meta("site", site)
         self.ledger.set_meta("num_records", num_records)
         self.ledger.set_meta("policy", policy.model_dump(mode="json"))
-        self.ledger.set_meta("secure_mode", False)
+        self.ledger.set_meta("secure_mode", self.secure_mode)
+        if self.insecure:  # sticky: a ledger that ever held a reproducible-noise event says so forever
+            logger.warning("[%s] run %s: %s", site, run_id, INSECURE_WARNING)
+            self.ledger.set_meta("insecure_reproducible_noise", True)
 
     @property
     def enabled(self) -> bool:
@@ -86,8 +117,11 @@ class SitePrivacy:
                 prior=prior,
             )
         except ValueError as err:  # say what ate the budget: earlier runs, or this run's prototype releases
-            spent_eps = compute_epsilon(spent, self.policy.delta).epsilon if spent else 0.0
-            release_eps = compute_epsilon(release_steps, self.policy.delta).epsilon if release_steps else 0.0
+            acc = self.policy.accountant
+            spent_eps = compute_epsilon(spent, self.policy.delta, accountant=acc).epsilon if spent else 0.0
+            release_eps = (
+                compute_epsilon(release_steps, self.policy.delta, accountant=acc).epsilon if release_steps else 0.0
+            )
             raise ValueError(
                 f"{err}: epsilon_budget={self.policy.epsilon_budget} cannot cover the plan. Already spent in the "
                 f"ledger: epsilon {spent_eps:.3g}; this run's {len(release_steps)} prototype release(s) alone: "
@@ -112,13 +146,14 @@ class SitePrivacy:
             sample_rate=sample_rate,
             steps=steps,
             details={
-                "clipping": "bucketed" if mech == "bucketed" else "per_record",
+                "clipping": "bucketed" if mech == "bucketed" else f"per_{self.policy.privacy_unit}",
                 "loss": "group_masked" if mech == "bucketed" else "decomposable",
                 "num_buckets": self.policy.num_buckets,
                 "clipping_norm": self.policy.clipping_norm,
                 "unit": self.policy.privacy_unit,
                 "poisson_sampling": True,
-                "secure_mode": False,
+                "secure_mode": self.secure_mode,
+                "noise_source": self.noise_source,
             },
         )
 
@@ -133,16 +168,20 @@ class SitePrivacy:
         planned = [self._training_event(rnd, steps, sample_rate).step()] if self.noise_multiplier else []
         if self.policy.release_prototypes:
             planned.append(self._release_step())
-        return check_round(
+        spent = self.ledger.accounted_steps()
+        refusal = check_round(
             self.policy,
-            self.ledger.accounted_steps(),
+            spent,
             planned,
             num_records=self.num_records,
             noise_multiplier=self.noise_multiplier,
         )
+        self._approved = None if refusal is not None or not planned else [*spent, *planned]
+        return refusal
 
     # ------------------------------------------------------------------ training
-    def gradient_fn(self, model: nn.Module) -> BucketedClippingGradient:
+    def gradient_fn(self, model: nn.Module, loss_fn: Callable[..., Any] | None = None) -> BucketedClippingGradient:
+        """The DP gradient: secret noise, clipping per bucket (bucketed) or per privacy unit (decomposable)."""
         self._require_dp()
         return BucketedClippingGradient(
             model,
@@ -150,7 +189,10 @@ class SitePrivacy:
             clipping_norm=self.policy.clipping_norm,
             num_buckets=self.policy.num_buckets,
             mode=self.policy.mechanism,  # type: ignore[arg-type]
-            seed=_seed(self.seed, self.run_id),
+            seed=public_seed(self.seed, self.run_id) if self.insecure else None,
+            secure_mode=self.policy.secure_mode,
+            unit=self.policy.privacy_unit,
+            loss_fn=loss_fn,
         )
 
     def poisson_loader(
@@ -180,9 +222,12 @@ class SitePrivacy:
                 e.run_id == event.run_id and e.round == event.round and e.kind == event.kind
                 for e in self.ledger.events(cur)
             )
-            if not already:
+            if not already and not self._within_approved([*steps, event.step()]):
                 after = compute_epsilon(
-                    [*steps, event.step()], self.policy.delta, skip_prv_above=self.policy.epsilon_budget
+                    [*steps, event.step()],
+                    self.policy.delta,
+                    skip_prv_above=budget_prv_skip(self.policy),
+                    accountant=self.policy.accountant,
                 ).epsilon
                 if after > self.policy.epsilon_budget:
                     raise PrivacyRefused(
@@ -195,17 +240,27 @@ class SitePrivacy:
                     )
             return self.ledger.record(event, cur)
 
+    def _within_approved(self, history: list[AccountedStep]) -> bool:
+        """``history`` is a prefix of what ``plan_round`` checked against the budget (the ledger unchanged since):
+        its epsilon is at most the approved one, so the charge needs no second accountant run."""
+        approved = self._approved
+        return approved is not None and len(history) <= len(approved) and history == approved[: len(history)]
+
     # ------------------------------------------------------------------ releases
     def release_bank(self, bank: Any, rnd: int, observed_contributions: int | None = None) -> PrototypeRelease:
-        """Noisy (sums, counts) of the bank's accumulation window, charged to the ledger before they are returned."""
+        """Noisy (sums, counts) of the bank's accumulation window, charged to the ledger before they are returned.
+
+        The bank must hold per-unit statistics (each unit's studies averaged per category, ``accumulate_bank`` with a
+        unit key) and ``observed_contributions`` the most categories one unit touches: that is what makes the
+        accounted sensitivity sqrt(L) per statistic true (``privacy.release``)."""
         self._require_dp()
         if not self.policy.release_prototypes:
             raise PrivacyRefused(Refusal("mechanism", "privacy.release_prototypes=false: the bank is not released"))
         bound = self.policy.prototype_contribution_bound
         if observed_contributions is not None and observed_contributions > bound:
             raise ValueError(
-                f"a privacy unit contributes {observed_contributions} (record, category) pairs to the bank, above "
-                f"privacy.prototype_contribution_bound={bound}; raise the bound (more noise per unit) or cap records"
+                f"a privacy unit contributes to {observed_contributions} categories of the bank, above "
+                f"privacy.prototype_contribution_bound={bound}; raise the bound (more noise per unit)"
             )
         release = release_prototypes(
             bank.sum_image,
@@ -214,7 +269,7 @@ class SitePrivacy:
             noise_multiplier=self.policy.prototype_noise_multiplier,
             contribution_bound=bound,
             threshold=self.policy.prototype_count_threshold,
-            generator=self._release_generator,
+            noise=self._release_noise,
         )
         self._charge(
             LedgerEvent(
@@ -226,7 +281,13 @@ class SitePrivacy:
                 effective_noise_multiplier=release.effective_noise_multiplier,
                 sample_rate=1.0,
                 steps=1,
-                details={"contribution_bound": bound, "threshold": self.policy.prototype_count_threshold},
+                details={
+                    "contribution_bound": bound,
+                    "threshold": self.policy.prototype_count_threshold,
+                    "bank": "unit_category_mean",
+                    "secure_mode": self.secure_mode,
+                    "noise_source": self.noise_source,
+                },
             )
         )
         return release
@@ -236,7 +297,9 @@ class SitePrivacy:
         self.ledger.record(LedgerEvent(self.run_id, rnd, f"unaccounted:{what}", "unaccounted", 0.0, 0.0, 1.0, 0, False))
 
     def epsilon(self) -> EpsilonReport:
-        return compute_epsilon(self.ledger.accounted_steps(), self.policy.delta)
+        """The ledger's epsilon under this site's ``privacy.accountant`` (PRV is cached: after a planned round this
+        is the history ``plan_round`` already computed)."""
+        return compute_epsilon(self.ledger.accounted_steps(), self.policy.delta, accountant=self.policy.accountant)
 
     def close(self) -> None:
         self.ledger.close()
