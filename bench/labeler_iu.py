@@ -1,8 +1,15 @@
 """Real-language check of the labeler: IU X-Ray (Open-I) reports against their MeSH indexing.
 
-Usage::
+Usage (from the repository root)::
 
-    python bench/labeler_iu.py --reports /work/shared/data/iu_xray_reports_dev.csv [--out docs/labeler.md]
+    python bench/labeler_iu.py --reports ../shared/data/iu_xray_reports_dev.csv [--split tune] [--out docs/labeler.md]
+
+The dev file is split once, by report id, into a 70 % *tune* part (the only part a labeler change
+may be developed and debugged on; ``--errors`` lists its misses) and a fixed 30 % *holdout* part
+(seeded hash of the uid, so it never depends on row order or on the labeler). ``--split holdout``
+and ``--split all`` are scored only when a change is finished, to report how the rules carry to
+reports they were not tuned on. ``--split`` takes several names; with ``--out`` each split's table
+goes between its own pair of markers in the page.
 
 Open-I's MeSH headings were assigned by human indexers reading the report, so they are an
 independent ground truth for POSITIVE findings (absence of a heading is not a confirmed negative,
@@ -18,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import math
 import shlex
 import sys
@@ -124,6 +132,34 @@ def mesh_categories(mesh: str) -> set[str]:
     return found
 
 
+#: The held-out part of the dev file: this fraction of report ids, chosen by a seeded hash.
+HOLDOUT_FRACTION = 0.30
+HOLDOUT_SEED = "mlip-fed-labeler-holdout-v1"
+SPLITS: tuple[str, ...] = ("tune", "holdout", "all")
+
+
+def _uid_rank(uid: str) -> str:
+    return hashlib.sha256(f"{HOLDOUT_SEED}:{uid.strip()}".encode()).hexdigest()
+
+
+def holdout_ids(uids: list[str], fraction: float = HOLDOUT_FRACTION) -> frozenset[str]:
+    """The ``fraction`` of report ids with the smallest seeded hash: fixed for a given file."""
+    ordered = sorted({u.strip() for u in uids}, key=_uid_rank)
+    return frozenset(ordered[: round(fraction * len(ordered))])
+
+
+def select_split(rows: list[dict[str, str]], split: str) -> list[dict[str, str]]:
+    """Rows of one split: ``tune`` (70 %), ``holdout`` (30 %) or ``all``."""
+    if split == "all":
+        return rows
+    held = holdout_ids([r["uid"] for r in rows])
+    if split == "holdout":
+        return [r for r in rows if r["uid"].strip() in held]
+    if split == "tune":
+        return [r for r in rows if r["uid"].strip() not in held]
+    raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+
+
 @dataclass
 class Counts:
     tp: int = 0
@@ -202,50 +238,73 @@ def table(counts: dict[str, Counts], counts_u: dict[str, Counts]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reports", required=True, type=Path, help="IU X-Ray reports CSV (uid, MeSH, findings, ...)")
+    parser.add_argument(
+        "--split",
+        nargs="+",
+        choices=SPLITS,
+        default=["tune"],
+        help="tune (70 %%, develop on this), holdout (fixed 30 %%, score only when a change is done) or all",
+    )
     parser.add_argument("--out", type=Path, default=None, help="markdown file to write (e.g. docs/labeler.md)")
-    parser.add_argument("--errors", type=int, default=0, help="print up to N false positive/negative uids per category")
+    parser.add_argument(
+        "--errors", type=int, default=0, help="print up to N false positive/negative uids per category (tune only)"
+    )
     args = parser.parse_args(argv)
     if not args.reports.is_file():
         raise SystemExit(f"reports file not found: {args.reports}")
+    if args.errors and set(args.split) != {"tune"}:
+        raise SystemExit("--errors lists misses of the tune split only: the held-out reports are not for debugging")
     with args.reports.open(newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
     missing = {"uid", "MeSH", "findings", "impression"} - set(rows[0] if rows else ())
     if missing:
         raise SystemExit(f"{args.reports}: missing column(s) {sorted(missing)}")
 
-    counts, kept = evaluate(rows, uncertain_positive=False)
-    counts_u, _ = evaluate(rows, uncertain_positive=True)
-    lines = table(counts, counts_u)
-    print(f"{len(kept)} of {len(rows)} reports scored")
-    print("\n".join(lines))
-    if args.errors:
-        for category in SCORED:
-            print(
-                f"{category}: FP {counts[category].fp_ids[: args.errors]} FN {counts[category].fn_ids[: args.errors]}"
-            )
-    if args.out is not None:
-        _write_doc(args.out, lines, len(kept), len(rows), argv if argv is not None else sys.argv[1:])
+    command = "python bench/labeler_iu.py " + " ".join(
+        shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])
+    )
+    for split in dict.fromkeys(args.split):
+        part = select_split(rows, split)
+        counts, kept = evaluate(part, uncertain_positive=False)
+        counts_u, _ = evaluate(part, uncertain_positive=True)
+        lines = table(counts, counts_u)
+        print(f"split {split}: {len(kept)} of {len(part)} reports scored")
+        print("\n".join(lines))
+        if args.errors:
+            for category in (*SCORED, *REPORTED):
+                cell = counts[category]
+                print(f"{category}: FP {cell.fp_ids[: args.errors]} FN {cell.fn_ids[: args.errors]}")
+        if args.out is not None:
+            _write_doc(args.out, split, lines, len(kept), len(part), len(rows), command)
     return 0
 
 
-_DOC_MARKER = "<!-- bench/labeler_iu.py table -->"
+def _marker(split: str) -> str:
+    return f"<!-- bench/labeler_iu.py table split={split} -->"
 
 
-def _write_doc(path: Path, lines: list[str], kept: int, total: int, argv: list[str]) -> None:
-    """Replace the block between the markers so the hand-written parts of the page survive reruns."""
-    command = "python bench/labeler_iu.py " + " ".join(shlex.quote(a) for a in argv)
+_SPLIT_WORDS = {
+    "tune": f"the {1 - HOLDOUT_FRACTION:.0%} tune split, the only part rules are developed on",
+    "holdout": f"the fixed {HOLDOUT_FRACTION:.0%} held-out split, scored only when a change is finished",
+    "all": "the whole dev file",
+}
+
+
+def _write_doc(path: Path, split: str, lines: list[str], kept: int, total: int, rows: int, command: str) -> None:
+    """Replace the block between this split's markers so the rest of the page survives reruns."""
+    marker = _marker(split)
     block = [
-        _DOC_MARKER,
-        f"Made by `{command}` ({kept} of {total} reports scored: those with findings or impression text and",
-        "a MeSH indexing other than `No Indexing`).",
+        marker,
+        f"Made by `{command}`: {_SPLIT_WORDS[split]} ({total} of {rows} reports; {kept} scored, i.e. with",
+        "findings or impression text and a MeSH indexing other than `No Indexing`).",
         "",
         *lines,
-        _DOC_MARKER,
+        marker,
     ]
     text = path.read_text(encoding="utf-8") if path.is_file() else ""
-    if text.count(_DOC_MARKER) == 2:
-        head, _, rest = text.partition(_DOC_MARKER)
-        _, _, tail = rest.partition(_DOC_MARKER)
+    if text.count(marker) == 2:
+        head, _, rest = text.partition(marker)
+        _, _, tail = rest.partition(marker)
         text = head + "\n".join(block) + tail
     else:
         text = (text.rstrip() + "\n\n" if text else "# Labeler\n\n") + "\n".join(block) + "\n"

@@ -7,6 +7,7 @@ field, the value and the reason, wherever it came from.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -78,7 +79,8 @@ class TrainConfig(_Strict):
     warmup_fraction: float = Field(default=0.1, ge=0, lt=1)
     max_grad_norm: float | None = Field(default=5.0, gt=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    #: Mixed precision: bf16 autocast on GPU only; "auto" turns it on when a GPU is used.
+    #: Mixed precision: "auto" = bf16 autocast on a GPU, fp32 on a CPU; "bf16" = bf16 autocast on either (CPU autocast
+    #: supports it; slower than fp32 on CPUs without bf16 instructions); "off" = fp32.
     amp: Literal["auto", "off", "bf16"] = "auto"
     num_threads: int | None = Field(default=None, ge=1)
     seed: int = 0
@@ -256,6 +258,8 @@ def format_validation_error(err: ValidationError, origin: str) -> str:
 # ---------------------------------------------------------------------------- a deployed site (issue 5)
 #: A site id travels in logs, file names and error messages: keep it to a safe, readable alphabet.
 SITE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+#: A FAB's SHA-256, as Flower computes it over the .fab file (``flwr build``, ``flwr run``).
+FAB_HASH_PATTERN = re.compile(r"[0-9a-f]{64}")
 
 
 class SiteResources(_Strict):
@@ -300,6 +304,23 @@ class SiteConfig(_Strict):
     #: Reconnection policy when the SuperLink is unreachable; after it the launcher exits non-zero.
     max_retries: int = Field(default=10, ge=0)
     max_wait_time_s: float = Field(default=300.0, gt=0)
+    #: The only Flower apps (FABs) this site runs: SHA-256 of each FAB file, as ``mlip-certs fab-hash`` prints it.
+    #: Any other FAB the server sends is refused before any of its code runs (``mlip_fed.deploy.fab_guard``);
+    #: empty = the site refuses to join (``mlip-client`` exits 2).
+    approved_fab_hashes: list[str] = Field(default_factory=list)
+
+    @field_validator("approved_fab_hashes")
+    @classmethod
+    def _fab_hashes(cls, value: list[str]) -> list[str]:
+        out = []
+        for item in value:
+            digest = item.strip().lower()
+            if not FAB_HASH_PATTERN.fullmatch(digest):
+                raise ValueError(
+                    f"{item!r} is not a FAB hash: expected 64 hex digits (the SHA-256 `mlip-certs fab-hash` prints)"
+                )
+            out.append(digest)
+        return list(dict.fromkeys(out))
 
     @field_validator("superlink")
     @classmethod

@@ -71,3 +71,19 @@ def test_itm_off_alone_is_a_valid_experiment() -> None:
 
     cfg = compose_experiment(["experiment=synth_cpu", "objectives.itm.enabled=false"])
     assert cfg.model.objectives.enabled_names() == ["global_itc", "local_alignment", "category_contrast", "text_swap"]
+
+
+def test_bf16_amp_on_a_cpu_trains(tmp_path) -> None:
+    """train.amp=bf16 on a CPU used to die with an uncaught RuntimeError; CPU autocast supports bf16, so it trains."""
+    assert (
+        pretrain.main(_overrides(tmp_path, "train.device=cpu", "train.amp=bf16", "train.max_steps=1", "--no-eval")) == 0
+    )
+    summary = json.loads((tmp_path / "run" / "pretrain_summary.json").read_text())
+    assert summary["steps"] == 1
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a CUDA device is visible")
+def test_cuda_device_without_a_gpu_is_a_start_up_error(tmp_path, capsys) -> None:
+    assert pretrain.main(_overrides(tmp_path, "train=gpu")) == 2
+    assert "train.device='cuda' but no CUDA device is visible" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # refused before the model, the data or the output folder

@@ -143,3 +143,16 @@ def test_site_policy_and_data_override_the_server(site_dir: Path) -> None:
     bigger = ExperimentConfig.model_validate({"data": {"image_size": 128}, "model": {"image": {"image_size": 128}}})
     with pytest.raises(ConfigError, match="data.image_size=64"):
         site_experiment(site, bigger)
+
+
+def test_joining_needs_an_approved_fab(site_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """No approved_fab_hashes: --check says so, and joining is refused before any process starts."""
+    path = site_dir / "site.yaml"
+    assert client_main(["--site-config", str(path), "--check"]) == 0
+    assert "approved FABs: none (joining is refused" in capsys.readouterr().out
+    assert client_main(["--site-config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "approved_fab_hashes is empty" in err and "mlip-certs fab-hash" in err
+    assert not (site_dir / "state").exists()  # nothing started, nothing written
+    with pytest.raises(ConfigError, match="approved_fab_hashes"):
+        load_site_config(_rewrite(site_dir, approved_fab_hashes=["not-a-hash"]))

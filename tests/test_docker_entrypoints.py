@@ -21,7 +21,7 @@ import yaml
 
 from mlip_fed.config import SiteConfig
 from mlip_fed.deploy.certs import CA_CERT, SERVER_CERT, SERVER_KEY, write_ca, write_server_cert, write_site_keys
-from mlip_fed.deploy.superlink import superlink_command
+from mlip_fed.deploy.superlink import launcher_command, superlink_command
 from mlip_fed.federation.simulation import descendants, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -129,20 +129,26 @@ def test_lock_satisfies_pyproject(lock: str) -> None:
     assert all("--hash=sha256:" in block for block in (ROOT / lock).read_text().split("==")[1:]), f"{lock}: hashes"
 
 
-def test_server_entrypoint_is_superlink_command(tmp_path: Path) -> None:
-    """The ENTRYPOINT, with container paths mapped, is exactly what ``superlink_command`` builds (and the CLI parses it)."""
+def test_server_entrypoint_is_the_superlink_launcher(tmp_path: Path) -> None:
+    """The ENTRYPOINT, with container paths mapped, is what ``launcher_command`` builds: the Fleet gateway on the
+    exposed port, flower-superlink (``superlink_command``, TLS + node auth) on the container's 127.0.0.1 only."""
+    from mlip_fed.cli.superlink import build_parser
+
     entry = exec_form(instructions(DOCKER / "Dockerfile.server")["ENTRYPOINT"][0])
     certs = tmp_path / "certs"
     write_ca(certs)
     write_server_cert(certs)
     host = to_host(entry, container_paths(tmp_path))
-    built = superlink_command(certs, host="0.0.0.0", port=9092, database=tmp_path / "state" / "superlink.db")
-    assert host[0] == "flower-superlink" and Path(built[0]).name == "flower-superlink"
-    assert host[1:] == built[1:]
+    db = tmp_path / "state" / "superlink.db"
+    built = launcher_command(f"{certs}/", host="0.0.0.0", port=9092, control_port=9093, database=db)
+    assert host == [*built, "--flwr-connection", "local"]
+    args = build_parser().parse_args(host[3:])
+    link = superlink_command(args.certs, host="127.0.0.1", port=args.control_port, database=args.database)
+    assert link[link.index("--host") + 1] == "127.0.0.1" and "--enable-supernode-auth" in link
     for name in (CA_CERT, SERVER_CERT, SERVER_KEY):
-        assert f"/certs/{name}" in entry, name
+        assert f"{certs}/{name}" in link, name
     (expose,) = instructions(DOCKER / "Dockerfile.server")["EXPOSE"]
-    assert entry[entry.index("--port") + 1] == expose
+    assert entry[entry.index("--port") + 1] == expose != entry[entry.index("--control-port") + 1]
 
 
 def prepare_site_mounts(tmp_path: Path) -> list[str]:
@@ -225,7 +231,8 @@ def test_compose_mounts_what_the_images_read() -> None:
 
 @pytest.mark.integration
 def test_server_entrypoint_runs_and_its_healthcheck_passes(tmp_path: Path) -> None:
-    """The SuperLink started from the ENTRYPOINT (loopback, free port) answers the image's HEALTHCHECK over TLS."""
+    """The SuperLink and its gateway started from the ENTRYPOINT (loopback, free ports) answer the image's HEALTHCHECK
+    over TLS."""
     import signal
     import time
 
@@ -237,6 +244,7 @@ def test_server_entrypoint_runs_and_its_healthcheck_passes(tmp_path: Path) -> No
     port = free_port()
     entry[entry.index("--host") + 1] = "127.0.0.1"
     entry[entry.index("--port") + 1] = str(port)
+    entry[entry.index("--control-port") + 1] = str(free_port())
     env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr"), "FLWR_TELEMETRY_ENABLED": "0"}
     env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"  # the SuperLink starts flower-superexec by name
@@ -256,7 +264,7 @@ def test_server_entrypoint_runs_and_its_healthcheck_passes(tmp_path: Path) -> No
                 break
             time.sleep(1)
         assert ok, f"HEALTHCHECK never passed (SuperLink exit status {link.poll()})"
-    finally:  # the SuperLink and the SuperExec it started, by PID
+    finally:  # the launcher, the SuperLink and the SuperExec it started, by PID
         pids = [*reversed(descendants(link.pid)), link.pid]
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
@@ -403,19 +411,23 @@ def test_image_environment_imports_the_apps(images: dict[str, ReplayedImage], na
 
 @pytest.mark.integration
 def test_server_image_entrypoint_and_run_config_paths(images: dict[str, ReplayedImage], tmp_path: Path) -> None:
-    """flower-superlink from the image answers --help; relative run paths land under MLIP_FED_HOME, never in
-    site-packages, and without MLIP_FED_HOME they are refused by name."""
+    """The launcher and flower-superlink from the image answer --help; relative run paths land under MLIP_FED_HOME,
+    never in site-packages, and without MLIP_FED_HOME they are refused by name."""
     image = images["Dockerfile.server"]
     entry = exec_form(instructions(DOCKER / "Dockerfile.server")["ENTRYPOINT"][0])
-    helped = subprocess.run(
-        [str(image.venv / "bin" / entry[0]), "--help"],
-        cwd=tmp_path,
-        env=image.runtime_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert helped.returncode == 0 and "--enable-supernode-auth" in helped.stdout, helped.stderr[-2000:]
+    for argv, needle in (
+        ([entry[0], *entry[1:3]], "--control-port"),
+        (["flower-superlink"], "--enable-supernode-auth"),
+    ):
+        helped = subprocess.run(
+            [str(image.venv / "bin" / argv[0]), *argv[1:], "--help"],
+            cwd=tmp_path,
+            env=image.runtime_env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert helped.returncode == 0 and needle in helped.stdout, helped.stderr[-2000:]
     assert image.env.get("MLIP_FED_HOME") == "/runs"
     code = (
         "from mlip_fed.federation.run_config import experiment_from_run_config as f; r = f({}); "

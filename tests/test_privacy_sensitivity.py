@@ -178,3 +178,88 @@ def test_poisson_loader_samples_whole_patients_reproducibly() -> None:
     rate = sum(len(loader.sample_indices(0, s)) for s in range(2000)) / (2000 * 40)
     assert rate == pytest.approx(0.2, abs=0.01)
     assert not math.isnan(rate)
+
+
+# ------------------------------------------------------------------ issue 18: clipping and noise in fp32 under bf16
+class _Mlp(nn.Module):
+    """Wide enough that bf16 rounding of a bucket's sum and of its clip factor shows (~0.3 % on CPU bf16)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Linear(64, 256)
+        self.b = nn.Linear(256, 32)
+
+    def forward(self, batch: dict) -> LossOutput:
+        out = self.b(torch.relu(self.a(batch["image"])))
+        loss = ((out.float() - batch["target"]) ** 2).sum(dim=1).mean()
+        return LossOutput(total=loss, parts={"mse": loss})
+
+
+@pytest.mark.parametrize("precision", ["autocast_bf16", "bf16_parameters"])
+def test_every_clipped_unit_stays_within_C_under_bf16(precision: str) -> None:
+    """A clipped unit's norm must be <= C exactly (checked in fp64): bf16 bucket sums and clip factors let it exceed C,
+    i.e. the sensitivity the accountant assumes. One bucket per batch, so the clipped sum is that unit's vector."""
+    torch.set_num_threads(1)
+    model = _Mlp()
+    if precision == "bf16_parameters":
+        model = model.bfloat16()
+    c = 0.37
+    engine = BucketedClippingGradient(model, noise_multiplier=1.0, clipping_norm=c, num_buckets=1, seed=0)
+    try:
+        for seed in range(12):
+            g = torch.Generator().manual_seed(seed)
+            image = torch.randn(8, 64, generator=g)
+            batch = {
+                "image": image.bfloat16() if precision == "bf16_parameters" else image,
+                "target": 3 * torch.randn(8, 32, generator=g),
+                "group_ids": torch.zeros(8, dtype=torch.long),
+            }
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "autocast_bf16"):
+                summed, _ = engine.clipped_sum(batch)
+            assert engine.last_stats is not None and engine.last_stats.clipped_fraction == 1.0
+            norm = float(flat(summed).norm())
+            assert c * 0.999 < norm <= c, f"seed {seed}: clipped unit norm {norm / c:.6f} C"
+            assert all(s.dtype == torch.float32 for s in summed)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "autocast_bf16"):
+            engine(model, batch, 1.0)  # a noise step: the released gradient has the parameter's dtype
+        assert all(p.grad is not None and p.grad.dtype == p.dtype for p in model.parameters())
+    finally:
+        engine.close()
+
+
+def test_extra_units_are_clipped_within_C_in_fp32() -> None:
+    """The audit's extra units go through the same clip factor: a huge unit is clipped to <= C, never above."""
+    from mlip_fed.privacy.engine import UnitGradient
+
+    model = TwoTower()
+    engine = BucketedClippingGradient(model, noise_multiplier=0.0, clipping_norm=0.05, num_buckets=1, seed=0)
+    try:
+        for scale in (1e-3, 1.0, 1e3, 1e6):
+            summed = [torch.zeros_like(p) for p in engine.params]
+            value = scale * torch.randn(24, generator=torch.Generator().manual_seed(0))
+            engine.add_extra_units(summed, [UnitGradient(0, torch.arange(24), value)])
+            assert float(flat(summed).norm()) <= 0.05
+    finally:
+        engine.close()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_noise_is_drawn_on_the_gpu() -> None:
+    from mlip_fed.privacy.randomness import GaussianNoise
+
+    for secure in (False, True):
+        noise = GaussianNoise(secure_mode=secure).sample((1000, 100), 2.0, device="cuda")
+        assert noise.device.type == "cuda" and noise.dtype == torch.float32
+        assert float(noise.std()) == pytest.approx(2.0, rel=0.02)
+    a = GaussianNoise(7, secure_mode=True).sample((50,), 1.0, device="cuda")
+    b = GaussianNoise(7, secure_mode=True).sample((50,), 1.0, device="cuda")
+    assert torch.equal(a, b)  # the debug seed stays reproducible on the device
+    model = TwoTower().cuda()
+    engine = BucketedClippingGradient(model, noise_multiplier=1.0, clipping_norm=0.5, num_buckets=4)
+    try:
+        engine(model, empty_batch(), 1.0)
+        assert all(p.grad.device.type == "cuda" for p in model.parameters())
+        assert engine.noise._device_generators  # drawn by a generator on the GPU, not the CPU one
+    finally:
+        engine.close()

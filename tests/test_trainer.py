@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import pytest
@@ -128,3 +129,85 @@ def test_warmup_cosine_shape() -> None:
         warmup_cosine_factor(s, 100, 10, 0.0) >= warmup_cosine_factor(s + 1, 100, 10, 0.0) for s in range(10, 99)
     )
     assert not math.isnan(warmup_cosine_factor(5, 0, 0, 0.0))
+
+
+# ------------------------------------------------------------------ issue 18: first contact with a GPU, on CPU
+class _FakeCuda:
+    """``torch.cuda`` as a process with ``count`` GPUs sees it, as far as resuming a checkpoint touches it.
+
+    ``set_rng_state`` behaves like the real one on a GPU: it accepts only a CPU ``torch.uint8`` tensor and an existing
+    device index (``torch.cuda.set_rng_state_all`` calls it through ``torch.cuda.random``, so that is patched too)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, count: int) -> None:
+        self.count = count
+        self.restored: dict[int, torch.Tensor] = {}
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+        monkeypatch.setattr(torch.cuda, "set_rng_state", self.set_rng_state)
+        monkeypatch.setattr(torch.cuda.random, "set_rng_state", self.set_rng_state)
+
+    def set_rng_state(self, new_state: torch.Tensor, device: int | str | torch.device = "cuda") -> None:
+        index = device if isinstance(device, int) else (torch.device(device).index or 0)
+        if not (new_state.device.type == "cpu" and new_state.dtype == torch.uint8):
+            raise TypeError(f"RNG state should be a CPU ByteTensor, got {new_state.dtype} on {new_state.device}")
+        if not 0 <= index < self.count:
+            raise RuntimeError(f"invalid device ordinal {index} ({self.count} GPU(s))")
+        self.restored[index] = new_state.clone()
+
+
+def _checkpoint_with_cuda_rng(tmp_path, num_gpus: int):
+    """A resumable checkpoint as a machine with ``num_gpus`` GPUs writes it (``rng['cuda']``: one state per GPU)."""
+    trainer = _trainer(tmp_path / "src", _cfg(max_steps=2))
+    trainer.fit(_loader(), epochs=1)
+    state = trainer.state_dict()
+    state["rng"]["cuda"] = [torch.full((16,), 10 + i, dtype=torch.uint8) for i in range(num_gpus)]
+    path = tmp_path / "ckpt.pt"
+    torch.save(state, path)
+    return path
+
+
+def test_resume_on_an_accelerator_restores_cuda_rng_from_cpu_byte_tensors(tmp_path, monkeypatch) -> None:
+    """Round >= 2 of every site on a GPU: the checkpoint used to be loaded with map_location=<the GPU>, which moved the
+    saved RNG states there; torch.cuda.set_rng_state refuses them. The meta device stands in for the GPU."""
+    path = _checkpoint_with_cuda_rng(tmp_path, num_gpus=1)
+    cuda = _FakeCuda(monkeypatch, count=1)
+    torch.manual_seed(0)
+    trainer = LocalTrainer(_ToyModel(), _cfg(), total_steps=15, output_dir=tmp_path, device=torch.device("meta"))
+    with warnings.catch_warnings():  # loading real values into meta parameters is a no-op, and says so
+        warnings.simplefilter("ignore", UserWarning)
+        trainer.load_checkpoint(path)
+    assert set(cuda.restored) == {0} and torch.equal(cuda.restored[0], torch.full((16,), 10, dtype=torch.uint8))
+    assert trainer.state.global_step == 2
+    assert all(p.device.type == "meta" for p in trainer.model.parameters())
+    moments = [s for state in trainer.optimizer.state.values() for s in state.values() if isinstance(s, torch.Tensor)]
+    assert moments and all(m.device.type == "meta" for m in moments if m.dim() > 0)
+
+
+@pytest.mark.parametrize("visible", [0, 1, 3])
+def test_resume_with_another_gpu_count_restores_what_exists_and_says_so(tmp_path, monkeypatch, caplog, visible) -> None:
+    path = _checkpoint_with_cuda_rng(tmp_path, num_gpus=2)
+    cuda = _FakeCuda(monkeypatch, count=visible)
+    trainer = _trainer(tmp_path / "resumed", _cfg(device="cpu"))  # the fake GPUs hold no tensors
+    with caplog.at_level("WARNING", logger="mlip_fed.train"):
+        trainer.load_checkpoint(path)
+    assert sorted(cuda.restored) == list(range(min(2, visible)))
+    for index, state in cuda.restored.items():
+        assert torch.equal(state, torch.full((16,), 10 + index, dtype=torch.uint8))
+    assert any(f"CUDA RNG states for 2 GPU(s), this process sees {visible}" in r.getMessage() for r in caplog.records)
+    cuda.restored.clear()
+    summary = trainer.fit(_loader(), epochs=1)  # the resumed epoch re-applies the same (trimmed) states and trains
+    assert summary.steps == 3 and sorted(cuda.restored) == list(range(min(2, visible)))
+
+
+def test_bf16_autocast_on_cpu_trains_when_asked_for(tmp_path) -> None:
+    """train.amp=bf16 on a CPU used to raise an uncaught RuntimeError; CPU autocast supports bf16, so it trains."""
+    trainer = _trainer(tmp_path, _cfg(amp="bf16", device="cpu"))
+    assert trainer.autocast_dtype == torch.bfloat16
+    seen: list[torch.dtype] = []
+    handle = trainer.model.net[0].register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    summary = trainer.fit(_loader(), epochs=1)
+    handle.remove()
+    assert summary.steps == 5 and math.isfinite(summary.mean_parts["total"])
+    assert set(seen) == {torch.bfloat16}  # the Linear really ran under bf16 autocast
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
+    assert _trainer(tmp_path / "auto", _cfg(amp="auto", device="cpu")).autocast_dtype is None

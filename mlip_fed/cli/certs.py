@@ -4,8 +4,11 @@
     mlip-certs superlink --out certs/ [--dns superlink.example.org] [--ip 10.0.0.5]
     mlip-certs site      --out certs/ hospital_a hospital_b ...
     mlip-certs all       --out certs/ --sites hospital_a hospital_b hospital_c
+    mlip-certs fab-hash  [APP_DIR] [--fab-out DIR]
 
-Private keys are written 0600; an existing file is never replaced without ``--force``.
+Private keys are written 0600; an existing file is never replaced without ``--force``. ``fab-hash`` prints the
+SHA-256 of the app's FAB (``flwr build``; the bytes ``flwr run`` sends): what each site pins in
+``approved_fab_hashes``.
 """
 
 from __future__ import annotations
@@ -46,7 +49,24 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     sans(p)
     p.add_argument("--sites", nargs="+", required=True, metavar="SITE_ID", help="one key pair per site id")
+    p = sub.add_parser(
+        "fab-hash",
+        help="SHA-256 of the app's FAB as flwr run sends it (what sites pin in approved_fab_hashes)",
+        **subparser_options(),
+    )
+    p.add_argument("app", nargs="?", type=Path, default=Path("."), help="the Flower app folder (its pyproject.toml)")
+    p.add_argument("--fab-out", type=Path, metavar="DIR", help="also keep the .fab there, for the sites to read")
     return parser
+
+
+def _fab_hash(args: argparse.Namespace) -> None:
+    import tempfile
+
+    from mlip_fed.deploy.fab_guard import build_fab, fab_sha256
+
+    with tempfile.TemporaryDirectory(prefix="mlip-fab-") as tmp:
+        fab = build_fab(args.app, args.fab_out if args.fab_out is not None else Path(tmp))
+        print(f"{fab_sha256(fab.read_bytes())}  {fab.name if args.fab_out is None else fab}")
 
 
 def _superlink(args: argparse.Namespace) -> None:
@@ -65,6 +85,9 @@ def _sites(args: argparse.Namespace, site_ids: Sequence[str]) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "fab-hash":
+            _fab_hash(args)
+            return 0
         if args.command == "all":  # all-or-nothing: no new CA next to an old site key
             out = Path(args.out)
             targets = [out / certs.CA_CERT, out / certs.CA_KEY, out / certs.SERVER_CERT, out / certs.SERVER_KEY]

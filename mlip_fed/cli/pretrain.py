@@ -42,8 +42,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(json.dumps(cfg.model_dump(mode="json"), indent=2))
         return 0
-    from mlip_fed.train.trainer import TrainingDiverged
+    from mlip_fed.train.trainer import TrainingDiverged, resolve_device
 
+    try:  # train.device=cuda on a machine without a visible GPU: one line at start-up, not a traceback later
+        resolve_device(cfg.train.device)
+    except RuntimeError as err:
+        print(f"mlip-pretrain: {err}", file=sys.stderr)
+        return 2
     try:
         result = run_pretraining(cfg, evaluate=not args.no_eval)
     except TrainingDiverged as err:

@@ -31,6 +31,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="CPU cores (Ray resources and torch threads) for each site's ClientApp",
     )
+    parser.add_argument(
+        "--gpus-per-site",
+        type=float,
+        default=0.0,
+        metavar="F",
+        help="GPUs for each site's ClientApp (Flower client resources; 0.5 puts two sites on one GPU). With 0, "
+        "Ray hides every GPU from the sites, so train.device=cuda is refused",
+    )
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds before the run is stopped")
     parser.add_argument("--app-dir", type=Path, default=REPO, help="the Flower app (this checkout)")
     return parser
@@ -50,11 +58,18 @@ def main(argv: list[str] | None = None) -> int:
     from mlip_fed.config import ConfigError
 
     try:  # fail here, at start-up, rather than inside the ServerApp
-        compose_experiment([f"experiment={experiment}", *overrides])
+        cfg = compose_experiment([f"experiment={experiment}", *overrides])
     except ConfigError as err:
         print(f"mlip-simulate: {err}", file=sys.stderr)
         return 2
-    from mlip_fed.federation.simulation import run_flwr_simulation
+    from mlip_fed.federation.simulation import check_gpu_request, run_flwr_simulation
+
+    error, warning = check_gpu_request(cfg.train.device, args.gpus_per_site, visible_gpu_count())
+    if error is not None:
+        print(f"mlip-simulate: {error}", file=sys.stderr)
+        return 2
+    if warning is not None:
+        print(f"mlip-simulate: warning: {warning}", file=sys.stderr)
 
     result = run_flwr_simulation(
         args.app_dir,
@@ -64,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides=overrides,
         num_rounds=args.rounds,
         num_cpus_per_client=args.cpus_per_site,
+        num_gpus_per_client=args.gpus_per_site,
         timeout_s=args.timeout,
         stream=sys.stdout,
     )
@@ -72,6 +88,13 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(f"mlip-simulate: completed in {result.seconds:.0f} s; results in {result.output_dir / 'results.json'}")
     return 0
+
+
+def visible_gpu_count() -> int:
+    """CUDA devices this process sees (what Ray can hand out to the sites)."""
+    import torch
+
+    return torch.cuda.device_count()
 
 
 if __name__ == "__main__":

@@ -163,6 +163,9 @@ class DifficultyTier:
     noise: float = 1.0
     #: Multiplies each site's blur sigma.
     blur: float = 1.0
+    #: Multiplies the exposure's drawn shift and rotation: where the body sits moves more, which blurs the fixed-position
+    #: templates a raw-pixel model relies on and costs a translation-invariant network nothing.
+    pose: float = 1.0
     #: Multiplies the amplitude of the lung markings (the anatomical clutter findings hide in).
     texture: float = 1.0
 
@@ -183,22 +186,23 @@ DIFFICULTY_TIERS: dict[str, DifficultyTier] = {
         {
             # kind:                       contrast, size
             "cardiomegaly": FindingScale(1.0, 1.0),
-            "enlarged_cardiomediastinum": FindingScale(1.0, 1.0),
+            "enlarged_cardiomediastinum": FindingScale(1.0, 1.15),
             "pleural_effusion": FindingScale(1.0, 1.0),
             "pneumothorax": FindingScale(4.0, 2.5),
             "consolidation": FindingScale(3.0, 1.6),
             "pneumonia": FindingScale(3.0, 1.6),
             "nodule": FindingScale(3.0, 2.5),
             "mass": FindingScale(3.0, 1.6),
-            "atelectasis": FindingScale(3.0, 2.5),
-            "edema": FindingScale(1.0, 1.0),
-            "endotracheal_tube": FindingScale(2.0, 2.0),
-            "central_line": FindingScale(3.0, 2.5),
+            "atelectasis": FindingScale(2.5, 2.0),
+            "edema": FindingScale(1.5, 1.0),
+            "endotracheal_tube": FindingScale(1.5, 1.5),
+            "central_line": FindingScale(2.0, 2.0),
             "rib_fracture": FindingScale(6.0, 3.5),
             "pleural_thickening": FindingScale(3.0, 2.5),
         },
         noise=0.4,
         texture=0.4,
+        pose=2.0,
     ),
 }
 
@@ -216,6 +220,8 @@ def difficulty_tier(name: str) -> DifficultyTier:
 
 def _check_tiers() -> None:
     for tier in DIFFICULTY_TIERS.values():
+        if not min(tier.noise, tier.blur, tier.texture, tier.pose) > 0:
+            raise ValueError(f"difficulty tier {tier.name!r}: image-wide scales must be > 0")
         unknown = sorted(set(tier.findings) - set(FINDINGS))
         if unknown:
             raise ValueError(f"difficulty tier {tier.name!r}: unknown finding kinds {unknown}")
@@ -668,8 +674,9 @@ class _Body:
     ):
         self.tier = tier
         x, y = _pixel_centres(size)
-        c, s = math.cos(pose.rotation), math.sin(pose.rotation)
-        dx, dy = x - 0.5 - pose.shift_x, y - 0.5 - pose.shift_y
+        rotation, shift_x, shift_y = (v * tier.pose for v in (pose.rotation, pose.shift_x, pose.shift_y))
+        c, s = math.cos(rotation), math.sin(rotation)
+        dx, dy = x - 0.5 - shift_x, y - 0.5 - shift_y
         self.u = 0.5 + (c * dx + s * dy) / pose.scale
         self.v = 0.5 + (-s * dx + c * dy) / pose.scale
         self.size = size

@@ -1,8 +1,12 @@
-"""A whole deployment on one machine: SuperLink, registered sites through ``mlip-client``, ``flwr run``.
+"""A whole deployment on one machine: SuperLink and its Fleet gateway, registered sites through ``mlip-client``,
+``flwr run``.
 
-The loopback test and ``bench/deploy_rounds.py`` drive the same processes a real federation runs, on
-127.0.0.1 and free ports, so what they check and measure is the deployment, not a re-enactment. Every
-process is started here, tracked by PID and stopped by PID (``stop``), never by name.
+The loopback tests and ``bench/deploy_rounds.py`` drive the same processes a real federation runs, on
+127.0.0.1 and free ports, so what they check and measure is the deployment, not a re-enactment: with TLS,
+``python -m mlip_fed.cli.superlink`` (the SuperLink on its control port, the gateway on ``port``), the operator's
+``flwr`` on the control address, the sites on the gateway address, each pinning the FAB hash that
+``mlip-certs fab-hash`` prints. Every process is started here, tracked by PID and stopped by PID (``stop``),
+never by name.
 """
 
 from __future__ import annotations
@@ -20,11 +24,14 @@ from pathlib import Path
 import yaml
 
 from mlip_fed.deploy.certs import CA_CERT, write_ca, write_server_cert, write_site_keys
-from mlip_fed.deploy.superlink import register_command, superlink_command, write_flwr_config
+from mlip_fed.deploy.fab_guard import CLIENTAPP_COMMAND
+from mlip_fed.deploy.superlink import launcher_command, register_command, write_flwr_config
 from mlip_fed.deploy.supernode import OFFLINE_ENV, flower_executable, node_config_arg
 from mlip_fed.federation.simulation import descendants, free_port
 
 CONNECTION = "deploy"
+#: The app every caller runs: this checkout (the tests and the benchmark run from it).
+REPO = Path(__file__).resolve().parents[2]
 
 
 def cmdline(pid: int) -> str:
@@ -51,11 +58,17 @@ def deployment_env(flwr_home: Path) -> dict[str, str]:
 
 @dataclass
 class LocalDeployment:
-    """One SuperLink and its sites under ``root``; ``tls=False`` is the insecure baseline (no TLS, no node auth)."""
+    """One SuperLink and its sites under ``root``; ``tls=False`` is the insecure baseline (no TLS, no node auth,
+    no gateway, no FAB pinning: a bare SuperLink on ``port``)."""
 
     root: Path
     tls: bool = True
+    #: Where the sites connect (the Fleet gateway with TLS).
     port: int = field(default_factory=free_port)
+    #: flower-superlink itself (Control and Runtime APIs): the operator's ``flwr`` connects here.
+    control_port: int = field(default_factory=free_port)
+    #: The Flower app the operator runs; the sites pin its FAB hash unless ``site_yaml`` is told otherwise.
+    app_dir: Path = REPO
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -66,17 +79,22 @@ class LocalDeployment:
         self.flwr_home = self.root / "flwr_home"
         self.env = deployment_env(self.flwr_home)
         self.address = f"127.0.0.1:{self.port}"
+        self.control_address = f"127.0.0.1:{self.control_port}" if self.tls else self.address
+        self._fab_hash: str | None = None
 
     # ---------------------------------------------------------------- server
     def start_superlink(self, site_ids: Sequence[str] = ()) -> None:
-        """Create certificates (TLS), start the SuperLink, write the ``flwr`` connection, register the sites."""
+        """Create certificates (TLS), start the SuperLink behind its gateway, write the operator's ``flwr``
+        connection (the control address), register the sites."""
         if self.tls:
             write_ca(self.certs)
             write_server_cert(self.certs)
             for site_id in site_ids:
                 write_site_keys(self.certs, site_id)
-            cmd = superlink_command(self.certs, port=self.port)
-            write_flwr_config(self.flwr_home, CONNECTION, self.address, self.certs / CA_CERT)
+            cmd = launcher_command(
+                self.certs, host="127.0.0.1", port=self.port, control_port=self.control_port, python=sys.executable
+            )
+            write_flwr_config(self.flwr_home, CONNECTION, self.control_address, self.certs / CA_CERT)
         else:
             cmd = [
                 flower_executable("flower-superlink"),
@@ -110,8 +128,27 @@ class LocalDeployment:
             raise RuntimeError(f"flwr supernode register {site_id} failed:\n{reg.stdout}{reg.stderr}")
 
     # ---------------------------------------------------------------- sites
-    def site_yaml(self, site_id: str, manifest: Path, *, key: str | None = None, max_retries: int = 10) -> Path:
-        """A site config as a hospital would write it (relative state dir, its own runtime port)."""
+    def fab_hash(self) -> str:
+        """The hash the operator hands the sites: ``mlip-certs fab-hash <app_dir>`` (computed once)."""
+        if self._fab_hash is None:
+            cmd = [sys.executable, "-m", "mlip_fed.cli.certs", "fab-hash", str(self.app_dir)]
+            done = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=300)
+            if done.returncode != 0:
+                raise RuntimeError(f"mlip-certs fab-hash failed:\n{done.stdout}{done.stderr}")
+            self._fab_hash = done.stdout.split()[0]
+        return self._fab_hash
+
+    def site_yaml(
+        self,
+        site_id: str,
+        manifest: Path,
+        *,
+        key: str | None = None,
+        max_retries: int = 10,
+        approved_fab_hashes: Sequence[str] | None = None,
+    ) -> Path:
+        """A site config as a hospital would write it (relative state dir, its own runtime port, the operator's
+        FAB hash pinned unless ``approved_fab_hashes`` says otherwise)."""
         path = self.root / "sites" / f"{site_id}.yaml"
         path.parent.mkdir(parents=True, exist_ok=True)
         body = {
@@ -127,6 +164,9 @@ class LocalDeployment:
             "max_retries": max_retries,
             "max_wait_time_s": 60,
         }
+        if self.tls:
+            pinned = [self.fab_hash()] if approved_fab_hashes is None else list(approved_fab_hashes)
+            body["approved_fab_hashes"] = pinned
         path.write_text(yaml.safe_dump(body))
         return path
 
@@ -153,7 +193,12 @@ class LocalDeployment:
         return proc
 
     def clientapp_pids(self, site_id: str) -> list[int]:
-        return [p for p in descendants(self.procs[site_id].pid) if "flwr-clientapp" in cmdline(p)]
+        """The site's ClientApp processes (with TLS: the FAB-checking launcher, ``mlip_fed.deploy.fab_guard``)."""
+        return [
+            p
+            for p in descendants(self.procs[site_id].pid)
+            if any(name in cmdline(p) for name in (CLIENTAPP_COMMAND, "mlip_fed.deploy.fab_guard"))
+        ]
 
     def kill_site(self, site_id: str) -> list[int]:
         """SIGKILL the site's launcher, SuperNode, SuperExec and ClientApps (by PID): a crash, not a shutdown."""
@@ -221,7 +266,7 @@ class LocalDeployment:
                 cmd, env=self.env, cwd=cwd or self.root, stdout=handle, stderr=subprocess.STDOUT, text=True
             )
 
-    def _wait_port(self, timeout_s: float = 60.0) -> None:
+    def _wait_port(self, timeout_s: float = 120.0) -> None:
         deadline = time.monotonic() + timeout_s
         link = self.procs["superlink"]
         while time.monotonic() < deadline:

@@ -1,8 +1,12 @@
-"""The server side of a deployment: the SuperLink command line and the ``flwr`` connection that targets it.
+"""The server side of a deployment: the SuperLink behind its Fleet gateway, and the operator's ``flwr`` connection.
 
 Only registered sites may join: ``flower-superlink --enable-supernode-auth`` (TLS required) plus
-``flwr supernode register <site>.pub <connection>`` per site (reference flower-1.42.md §9). Runtime
-dependency installation stays off: the server's environment is the project's, not a per-run ``uv sync``.
+``flwr supernode register <site>.pub <connection>`` per site. Only the operator may register nodes or start runs:
+Flower 1.42 serves the Fleet, Control and Runtime APIs from one address and authenticates no Control API account,
+so the SuperLink is bound to 127.0.0.1 (``superlink_command`` refuses anything else) and the sites reach it through
+``mlip_fed.deploy.gateway``, which forwards the Fleet API only. ``python -m mlip_fed.cli.superlink`` runs both
+(``launcher_command``). Runtime dependency installation stays off: the server's environment is the project's,
+not a per-run ``uv sync``.
 """
 
 from __future__ import annotations
@@ -12,15 +16,31 @@ from pathlib import Path
 from mlip_fed.deploy.certs import CA_CERT, SERVER_CERT, SERVER_KEY
 from mlip_fed.deploy.supernode import flower_executable
 
+#: Where the sites reach the Fleet gateway, and where the SuperLink itself listens (this host only).
+FLEET_PORT = 9092
+CONTROL_PORT = 9093
+#: Addresses that only this host can reach.
+LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
+
 
 def superlink_command(
     certs_dir: Path,
     host: str = "127.0.0.1",
-    port: int = 9092,
+    port: int = CONTROL_PORT,
     database: Path | None = None,
     executable: str | None = None,
 ) -> list[str]:
-    """``flower-superlink`` with TLS and CLI-managed node authentication; Fleet, Control and Runtime APIs on one port."""
+    """``flower-superlink`` with TLS and CLI-managed node authentication, bound to this host only.
+
+    Its one address serves the Fleet, Control and Runtime APIs alike, so it must not be reachable from the
+    network: the sites come in through the Fleet gateway (``launcher_command``).
+    """
+    if host not in LOOPBACK_HOSTS:
+        raise ValueError(
+            f"--host {host}: flower-superlink serves the Control API (register nodes, start runs; no account "
+            "authentication in Flower 1.42) on the same address as the Fleet API, so it listens on 127.0.0.1 only; "
+            "sites reach it through the Fleet gateway (python -m mlip_fed.cli.superlink --host <public address>)"
+        )
     certs_dir = Path(certs_dir).resolve()
     for name in (CA_CERT, SERVER_CERT, SERVER_KEY):
         if not (certs_dir / name).is_file():
@@ -43,6 +63,20 @@ def superlink_command(
     if database is not None:
         cmd += ["--database", str(Path(database).resolve())]
     return cmd
+
+
+def launcher_command(
+    certs_dir: Path,
+    host: str = "0.0.0.0",
+    port: int = FLEET_PORT,
+    control_port: int = CONTROL_PORT,
+    database: Path | None = None,
+    python: str = "python",
+) -> list[str]:
+    """``python -m mlip_fed.cli.superlink``: the SuperLink on 127.0.0.1:``control_port``, the gateway on ``host:port``."""
+    cmd = [python, "-m", "mlip_fed.cli.superlink", "--certs", str(certs_dir), "--host", host, "--port", str(port)]
+    cmd += ["--control-port", str(control_port)]
+    return cmd + (["--database", str(database)] if database is not None else [])
 
 
 def connection_toml(name: str, address: str, root_certificates: Path) -> str:

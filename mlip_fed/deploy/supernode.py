@@ -38,6 +38,12 @@ _FLOWER_EXITS = {
 #: Graceful exits after SIGINT / SIGQUIT / SIGTERM.
 _GRACEFUL = {1, 2, 3}
 
+
+def _task_exit(code: int) -> bool:
+    """An exit code a ClientApp process logs (it writes to the SuperNode's log): not how the SuperNode ended."""
+    return 250 <= code < 300 or code in (607, 608) or 800 <= code < 900
+
+
 #: A site talks to its SuperLink only: no telemetry, no update check, no model hub (DESIGN.md, invariant 6).
 OFFLINE_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",
@@ -92,8 +98,21 @@ def supernode_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ if base is None else base)
     for key, value in OFFLINE_ENV.items():
         env.setdefault(key, value)
-    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")  # flwr-clientapp of this env
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")  # flower-superexec of this env
     return env
+
+
+def site_supernode_env(site: SiteConfig, base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """``supernode_env`` behind the site's FAB pin: every ClientApp the SuperNode starts checks the FAB first.
+
+    Writes ``<state_dir>/bin/flwr-clientapp`` (``mlip_fed.deploy.fab_guard``) and puts that folder first on PATH, so
+    Flower's SuperExec starts it instead of Flower's own launcher; the approved hashes travel in the environment.
+    """
+    from mlip_fed.deploy.fab_guard import LAUNCHER_DIR, guard_env, write_launcher
+
+    bin_dir = site.state_dir / LAUNCHER_DIR
+    write_launcher(bin_dir)
+    return guard_env(supernode_env(base), bin_dir, site.approved_fab_hashes, site.site_id)
 
 
 #: Flower logs ``Exit Code: <n>`` before exiting; the process status alone is not reliable (a graceful-exit
@@ -153,7 +172,7 @@ def run_supernode(cmd: list[str], env: Mapping[str, str] | None = None, out: Tex
             out.write(line)
             out.flush()
             found = _EXIT_LINE.search(line)
-            if found:
+            if found and not _task_exit(int(found.group(1))):
                 codes.append(int(found.group(1)))
 
     reader = threading.Thread(target=relay, name="supernode-log", daemon=True)

@@ -100,6 +100,48 @@ def write_run_config(path: Path, experiment: str, overrides: Sequence[str], outp
     return path
 
 
+def federation_config(num_supernodes: int, num_cpus_per_client: int, num_gpus_per_client: float = 0.0) -> str:
+    """``flwr run --federation-config``: Flower's ``client-resources-num-cpus`` / ``-num-gpus`` become the Ray backend's
+    ``client_resources`` (``flwr/simulation/app.py``). Flower's default is 0 GPUs per ClientApp, and Ray then hides
+    every GPU from it (``CUDA_VISIBLE_DEVICES=""``): a GPU run must ask for a share. A fraction (0.5) packs that many
+    ClientApps onto one GPU."""
+    if num_gpus_per_client < 0:
+        raise ValueError(f"GPUs per site must be >= 0, got {num_gpus_per_client}")
+    return (
+        f"num-supernodes={int(num_supernodes)} client-resources-num-cpus={int(num_cpus_per_client)} "
+        f"client-resources-num-gpus={float(num_gpus_per_client)!r}"
+    )
+
+
+def check_gpu_request(train_device: str, num_gpus_per_client: float, host_gpus: int) -> tuple[str | None, str | None]:
+    """(error, warning) for a simulation's GPU request, decided before any process starts.
+
+    Errors: the experiment needs a GPU (``train.device=cuda``, e.g. ``train=gpu``) but the sites get none; sites are
+    given GPUs the host does not have (Ray would wait forever to place them). Warning: ``train.device=auto`` with 0
+    GPUs per site on a host that has GPUs (every site silently trains on its CPU)."""
+    if num_gpus_per_client < 0:
+        return f"--gpus-per-site must be >= 0, got {num_gpus_per_client}", None
+    if train_device == "cuda" and num_gpus_per_client == 0:
+        return (
+            "train.device='cuda' (e.g. train=gpu) but --gpus-per-site is 0: Flower gives each simulated site no GPU "
+            "and Ray hides them all (CUDA_VISIBLE_DEVICES=''); pass --gpus-per-site 1, or a fraction such as 0.5 to "
+            "put two sites on one GPU",
+            None,
+        )
+    if num_gpus_per_client > 0 and num_gpus_per_client > host_gpus:
+        return (
+            f"--gpus-per-site {num_gpus_per_client:g} but this host has {host_gpus} visible GPU(s): Ray could never "
+            "place a site; use --gpus-per-site 0 (CPU) or a value <= the GPU count",
+            None,
+        )
+    if train_device == "auto" and num_gpus_per_client == 0 and host_gpus > 0:
+        return None, (
+            f"this host has {host_gpus} GPU(s) but --gpus-per-site is 0: with train.device=auto every site trains on "
+            "its CPU; pass --gpus-per-site 1 (or a fraction) to train on the GPU"
+        )
+    return None, None
+
+
 def superlink_pids(flwr_home: Path) -> list[int]:
     """PIDs of ``flower-superlink`` processes started with this exact FLWR_HOME (ours, and only ours)."""
     marker = f"FLWR_HOME={flwr_home}".encode()
@@ -195,6 +237,7 @@ def run_flwr_simulation(
     overrides: Sequence[str] = (),
     num_rounds: int = 0,
     num_cpus_per_client: int = 1,
+    num_gpus_per_client: float = 0.0,
     timeout_s: float = 1800.0,
     stream: TextIO | None = None,
     keep_flwr_home: bool = False,
@@ -204,7 +247,8 @@ def run_flwr_simulation(
 
     ``stream`` receives the run's output live (the progress table); everything also goes to
     ``<output_dir>/flwr_run.log``. ``flwr_home`` (default: a fresh temp dir, removed afterwards) lets a
-    caller stop this run's SuperLink from outside with ``stop_superlink(flwr_home)``.
+    caller stop this run's SuperLink from outside with ``stop_superlink(flwr_home)``. ``num_gpus_per_client`` is each
+    ClientApp's GPU share (0: no GPU, see ``federation_config``).
     """
     output_dir = Path(output_dir).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -228,7 +272,7 @@ def run_flwr_simulation(
         "--run-config",
         str(run_config),
         "--federation-config",
-        f"num-supernodes={num_supernodes} client-resources-num-cpus={num_cpus_per_client}",
+        federation_config(num_supernodes, num_cpus_per_client, num_gpus_per_client),
     ]
     start = time.perf_counter()
     started_at = time.time()

@@ -15,6 +15,20 @@ Two extensions over a plain keyword matcher, both driven by the KB's ``attribute
   reads as uncertain. Unqualified, they are plain anatomy.
 * Laterality and location are read from the clause around each mention, so text swapping and
   the local alignment objective can edit or attend to them.
+
+Rules for real report language (issue #17; the choices are argued in ``docs/labeler.md``):
+
+* Negation and normality stated after the mention reach through a coordinated subject ("heart
+  size and pulmonary vascular engorgement appear within limits of normal", "A, B, and C are not
+  seen"); a bare comma ("congestion, effusions are not seen") does not make a list.
+* Resolution: "resolved", "cleared", "clearing of", "no longer seen" negate (as in CheXpert);
+  partial resolution ("resolving", "nearly resolved", "partial clearing of") is uncertain.
+  History cues ("history of", "prior", "previous") drop acute-process mentions.
+* Attribution: an appearance (Lung Lesion, Lung Opacity) that the report attributes to something
+  else ("represents a healing rib fracture", "due to overlying soft tissue", "consistent with
+  granulomatous disease", also from the next sentence: "This represents ...") is dropped in favour
+  of what it is attributed to; hedged, it becomes uncertain when the explanation denies a lung
+  finding ("may be artifact") and stays when it only characterises one ("likely a granuloma").
 """
 
 from __future__ import annotations
@@ -22,7 +36,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 from mlip_fed.knowledge.kb import CHEXPERT_CATEGORIES, KnowledgeBase, load_knowledge_base
@@ -74,6 +88,9 @@ _PRE_NEGATION = (
     r"absent",
     r"resolved",
     r"resolution\s+of",
+    r"cleared",
+    r"clearing\s+of",
+    r"disappearance\s+of",
     r"removal\s+of",
     r"rather\s+than",
     r"nor",
@@ -87,10 +104,13 @@ _POST_NEGATION = (
     r"(?:is|are|was|were|has\s+been|have\s+been)?\s*(?:not|no\s+longer)\b",
     r"(?:is|are|was|were|has|have)?\s*(?:been\s+)?(?:resolved|removed|absent|cleared|withdrawn)",
     r"(?:is|are)?\s*negative",
-    r"(?:has|have)\s+(?:since\s+)?(?:resolved|cleared)",
+    r"(?:has|have)\s+(?:since\s+)?(?:resolved|cleared|disappeared)",
 )
 #: Words that make a mention uncertain when they precede it in the clause.
 _PRE_UNCERTAIN = (
+    # First, so that it wins over a bare "may": "may be due to atelectasis" keeps its hedge across
+    # the attribution verb, which is otherwise a terminator.
+    r"(?:may|might|could)\s+(?:also\s+)?(?:be\s+)?(?:due|secondary|related|attributable)\s+to",
     r"possible",
     r"possibly",
     r"probable",
@@ -124,11 +144,14 @@ _PRE_UNCERTAIN = (
     r"cannot\s+be\s+determined",
     r"not\s+certain",
     r"raising\s+the\s+possibility",
+    # A purpose clause is a plan, not a finding ("CT can be performed to identify a small nodule").
+    r"to\s+(?:further\s+)?(?:identify|evaluate|assess|characteri[sz]e|detect|look\s+for|search\s+for)",
     r"represent",
     r"representing",
 )
 _POST_UNCERTAIN = (
-    r"(?:is|are)\s+(?:possible|suspected|questioned|likely|probable|not\s+certain|uncertain|considered)",
+    r"(?:is|are)\s+(?:also\s+|still\s+|less\s+|more\s+)?"
+    r"(?:possible|suspected|questioned|likely|probable|not\s+certain|uncertain|considered)",
     r"versus",
     r"vs\.?",
     r"and/or",
@@ -143,6 +166,8 @@ _PSEUDO = (
     r"without\s+(?:significant\s+|interval\s+)?(?:change|increase|worsening)",
     r"no\s+longer\s+(?:in\s+place)",
     r"gram\s+negative",
+    # "age-indeterminate fracture" dates a fracture that is there; it does not doubt it.
+    r"age[-\s]+indeterminate",
 )
 #: Normal-ish qualifiers: next to a neutral form they negate it ("heart size is normal").
 _NORMAL_QUALIFIERS = (
@@ -157,6 +182,138 @@ _NORMAL_QUALIFIERS = (
     r"(?:well|fully)\s+(?:expanded|aerated|inflated)",
 )
 _STABLE_QUALIFIERS = (r"stable", r"unchanged", r"similar", r"not\s+significantly\s+changed", r"grossly\s+stable")
+#: Resolution under way: the finding is going, its residue unstated. CheXpert has no rule for it
+#: (it would say positive); we label it uncertain, checked before negation, which owns the
+#: complete forms ("resolved", "cleared", "resolution of", "no longer seen").
+_PRE_PARTIAL_RESOLUTION = (
+    r"resolving",
+    r"clearing(?!\s+of)",
+    r"(?:nearly|almost|largely|mostly|partially|partly|incompletely|not\s+(?:completely|entirely|fully))\s+"
+    r"(?:resolved|cleared)",
+    r"(?:partial|incomplete|near[-\s]?complete|near[-\s]?total|nearly\s+complete|almost\s+complete|some|slow|"
+    r"partially|ongoing|continued)\s+(?:resolution|clearing)\s+of",
+)
+_POST_PARTIAL_RESOLUTION = (
+    r"(?:is|are|was|were)?\s*(?:slowly\s+|gradually\s+)?(?:resolving|clearing)",
+    r"(?:is|are|was|were|has|have)\s+(?:been\s+)?(?:nearly|almost|largely|mostly|partially|partly|incompletely|"
+    r"not\s+(?:completely|entirely|fully))\s+(?:resolved|cleared)",
+)
+#: A predicate after the subject that calls it normal ("... appear within limits of normal").
+#: Bare "normal"/"unremarkable" need a copula; "within normal limits" may stand without one.
+_POST_NORMAL = (
+    r"(?:is|are|was|were|appears?|appeared|remains?|remained|seems?|looks?)\s+"
+    r"(?:(?:now|again|otherwise|grossly|both|all|still|also|essentially|stable\s+and)\s+)*"
+    r"(?:within\s+(?:the\s+)?(?:normal\s+limits|limits\s+of\s+normal|normal\s+range)|normal|unremarkable|wnl)",
+    r"within\s+(?:the\s+)?(?:normal\s+limits|limits\s+of\s+normal|normal\s+range)",
+)
+#: Words that cannot be part of a coordinated noun-phrase subject ("heart size and X are normal").
+_NOT_SUBJECT_WORDS = frozenset(
+    """is are was were be been being appear appears appeared remain remains remained seem seems has have had
+    seen noted identified present with without no not there which that who in on at to from by within into
+    normal unremarkable clear stable unchanged new increased decreased mild moderate severe small large
+    minimal trace marked extensive persistent possible likely probable may might could can cannot""".split()
+)
+#: Severity and change words: a mention they modify is a finding being reported, not a listed structure.
+_ASSERTING_MODIFIER_RE = re.compile(
+    r"(?<![a-z])(?:mild|mildly|moderate|moderately|severe|severely|small|large|minimal|trace|marked|extensive|"
+    r"new|increased|increasing|worsening|worsened|persistent|residual|diffuse|focal|patchy)\s+(?:[a-z-]+\s+)?$"
+)
+#: History cues: a past episode of an acute process is not a finding on this image ("history of
+#: CHF", "prior granulomatous infection"). Those mentions set no label.
+_HISTORY = (
+    r"history\s+of",
+    r"hx\s+of",
+    r"h/o",
+    r"prior",
+    r"previous",
+    r"previously\s+treated",
+    r"old",
+    r"remote",
+    r"sequelae?\s+of",
+    r"residua(?:ls?)?\s+of",
+)
+#: Categories a history cue cancels (a healed fracture or an old scar is still on the image).
+_HISTORY_CATEGORIES = frozenset({"Pneumonia", "Consolidation", "Edema", "Pneumothorax", "Pleural Effusion"})
+#: Sites outside the lung: a mass, nodule or carcinoma named with one is not a Lung Lesion
+#: ("chest wall mass", "known breast carcinoma", "thyroid nodule").
+_EXTRAPULMONARY_SITE_RE = re.compile(
+    r"(?<![a-z])(?:breast|chest\s+wall|soft\s+tissue|skin|cutaneous|subcutaneous|thyroid|axillary|osseous|bone|"
+    r"bony|rib|liver|hepatic|renal|kidney|adrenal|splenic|abdominal|neck|esophageal|gastric|colon|prostate)"
+    r"(?:\s+(?:primary|metastatic|metastasis))?\s+$"
+)
+#: Categories that name an appearance ("opacity", "nodular density") which a report can attribute to
+#: something else; an attribution moves the mention to what it is attributed to.
+_APPEARANCE_CATEGORIES = frozenset({"Lung Lesion", "Lung Opacity"})
+#: Lung parenchymal categories and concepts: CheXpert keeps "opacity consistent with pneumonia"
+#: (or "... suggesting pulmonary fibrosis") as both, so these never take a Lung Opacity away.
+_PARENCHYMAL_CATEGORIES = frozenset(
+    {"Lung Opacity", "Lung Lesion", "Atelectasis", "Consolidation", "Pneumonia", "Edema"}
+)
+_PARENCHYMAL_CONCEPTS = frozenset(
+    {
+        "fibrosis",
+        "emphysema",
+        "copd",
+        "bronchiectasis",
+        "bulla",
+        "cyst",
+        "hyperinflation",
+        "hypoinflation",
+        "tuberculosis",
+        "sarcoidosis",
+    }
+)
+#: Explanations that keep a real lung finding and only say what kind it is (a calcified nodule is a
+#: granuloma). Everything else an appearance is attributed to (bone, device, hernia, artifact,
+#: overlapping soft tissue, nipple) says there is no lung finding at all.
+_CHARACTERISING_CONCEPTS = frozenset({"granuloma", "calcification"})
+#: Verbs and phrases that attribute an appearance to a cause or an identity.
+_ATTRIBUTION = (
+    r"represents?",
+    r"representing",
+    r"reflects?",
+    r"reflecting",
+    r"(?:is|are)?\s*(?:most\s+)?(?:likely\s+|probably\s+|presumably\s+)?(?:due|secondary|related|attributable)\s+to",
+    r"attributed\s+to",
+    r"caused\s+by",
+    r"corresponds?\s+(?:to|with)",
+    r"corresponding\s+(?:to|with)",
+    r"(?:is|are)?\s*(?:consistent|compatible)\s+with",
+    r"in\s+keeping\s+with",
+    r"(?:is|are)?\s*from",
+    r"suggestive\s+of",
+    r"suggests?",
+    r"suggesting",
+    r"indicat(?:es?|ing)",
+    # A copula or hedge straight before the explanation ("nodule is calcified", "likely a granuloma").
+    r"(?:is|are|was|were)(?:\s+(?:most\s+)?likely|\s+probably|\s+presumably|\s+again)?(?:\s+(?:an?|the))?",
+    r"(?:may|might|could)(?:\s+also)?\s+be(?:\s+(?:an?|the))?",
+    r"appears?(?:\s+to\s+be)?(?:\s+(?:an?|the))?",
+    r"(?:most\s+)?likely(?:\s+(?:an?|the))?",
+    r"probably(?:\s+(?:an?|the))?",
+)
+#: Hedge words in an attribution ("may be artifact", "likely a granuloma", "suggestive of stents").
+_HEDGE_RE = re.compile(
+    r"(?<![a-z])(?:may|might|could|likely|probably|possibly|presumably|perhaps|suggest|suggests|suggestive|"
+    r"suggesting|questionable|favou?red|favou?r|versus|vs)(?![a-z])"
+)
+#: What an appearance can be attributed to besides knowledge-base concepts: artifacts and normal
+#: structures that deny a lung finding, and calcification, which characterises one.
+_DENYING_RE = re.compile(
+    r"(?<![a-z])(?:artifacts?|artifactual|artefacts?|overlap(?:ping)?|superimpos\w*|summation|"
+    r"overlying\s+(?:soft\s+tissues?|structures?)|soft\s+tissues?|breast\s+tissue|breast\s+shadows?|"
+    r"nipples?(?:\s+shadows?)?|skin\s+folds?|hair|clothing|external|monitor|ecg|ekg|button|"
+    r"vessels?(?:\s+(?:seen\s+)?end[-\s]on)?|vascular\s+(?:shadows?|structures?)|fat\s+pads?|epicardial\s+fat|"
+    r"pericardial\s+fat|fat|costochondral|costal\s+cartilages?|cartilage|osteophytes?|bone|bony|rib|ribs|"
+    r"gunshot|bullets?|shrapnel|healed|healing)(?![a-z])"
+)
+_CHARACTERISING_RE = re.compile(r"(?<![a-z])(?:calcified|calcifications?|granulomas?|granulomatous)(?![a-z])")
+#: A sentence that opens by pointing back ("This represents ...", "These are likely ...").
+_ANAPHOR_RE = re.compile(
+    r"\s*(?:(?:this|these|it|they|which|the\s+(?:latter|former))"
+    r"(?:\s+(?:finding|findings|nodule|nodules|opacity|opacities|density|densities|lesion|lesions|"
+    r"abnormality|abnormalities|area|areas|focus|foci))?)(?:\s+(?:xxxx|most|more|also))*(?![a-z])"
+)
 #: Words that end a trigger's reach inside a clause (NegEx terminators).
 _TERMINATORS = (
     r"there\s+(?:is|are|has|have|was|were|may|might|could|appears?|remains?)",
@@ -214,6 +371,11 @@ _POST_NEG_UNCERTAIN_RE = re.compile(r"^[\s,]*" + _alt(_POST_NEG_UNCERTAIN) + r"(
 _POST_NEGATION_RE = _compile_post(_POST_NEGATION)
 _POST_UNCERTAIN_RE = re.compile(r"^[\s,]*(?:[a-z]+\s+){0,2}?" + _alt(_POST_UNCERTAIN))
 _NORMAL_RE = _compile_pre(_NORMAL_QUALIFIERS)
+_PRE_PARTIAL_RESOLUTION_RE = _compile_pre(_PRE_PARTIAL_RESOLUTION)
+_POST_PARTIAL_RESOLUTION_RE = _compile_post(_POST_PARTIAL_RESOLUTION)
+_POST_NORMAL_RE = re.compile(r"^\s*" + _alt(_POST_NORMAL) + r"(?![a-z0-9])")
+_HISTORY_RE = _compile_pre(_HISTORY)
+_ATTRIBUTION_RE = _compile_pre(_ATTRIBUTION)
 _STABLE_RE = _compile_pre(_STABLE_QUALIFIERS)
 
 #: Reach of triggers, in tokens; negation reaches further than uncertainty because of long lists
@@ -258,6 +420,8 @@ class _Matcher:
     #: holds "opacity"): CheXpert matches every observation's phrases independently, so one
     #: phrase can mention two categories.
     inner: dict[str, tuple[_Form, ...]]
+    #: Anatomy concept ids: never the thing an appearance is attributed to.
+    anatomy_ids: frozenset[str] = frozenset()
 
 
 _MATCHERS: dict[int, tuple[KnowledgeBase, _Matcher]] = {}
@@ -344,7 +508,8 @@ def _build_matcher(kb: KnowledgeBase) -> _Matcher:
         }
         if found:
             inner[outer] = tuple(found.values())
-    return _Matcher(pattern, forms, laterality_of, lung_regions, opacity[0].id if opacity else None, inner)
+    anatomy_ids = frozenset(c.id for c in kb.concepts if c.group == "anatomy")
+    return _Matcher(pattern, forms, laterality_of, lung_regions, opacity[0].id if opacity else None, inner, anatomy_ids)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -362,11 +527,23 @@ def extract_mentions(text: str, kb: KnowledgeBase | None = None) -> list[Mention
     matcher = _matcher(kb)
     low = _lower_same_length(text)
     mentions: list[Mention] = []
+    previous: list[Mention] = []
     for sentence in split_report(text):
         if sentence.section in NON_FINDING_SECTIONS:
+            previous = []
             continue
-        for clause_start, clause_end in split_clauses(text, sentence.start, sentence.end):
-            mentions.extend(_clause_mentions(text, low, matcher, clause_start, clause_end, sentence))
+        clauses = split_clauses(text, sentence.start, sentence.end)
+        current: list[Mention] = []
+        for clause_start, clause_end in clauses:
+            current.extend(_clause_mentions(text, low, matcher, clause_start, clause_end, sentence))
+        current = _attribute_within(low, current, clauses, matcher.anatomy_ids)
+        if previous:
+            # The previous sentence's mentions are the tail of ``mentions``.
+            mentions[len(mentions) - len(previous) :] = _attribute_anaphora(
+                low, sentence, previous, current, clauses, matcher.anatomy_ids
+            )
+        mentions.extend(current)
+        previous = current
     return mentions
 
 
@@ -444,13 +621,14 @@ def _clause_mentions(
         _Hit(m.start(), m.end(), matcher.forms[" ".join(m.group(0).split())])
         for m in matcher.pattern.finditer(low, c_start, c_end)
     ]
+    findings = [(h.start, h.end) for h in hits if h.form.kind == "finding"]
     resolved: list[tuple[_Hit, Certainty]] = []
     for hit in hits:
         form = hit.form
         if form.kind in ("unmention", "modifier"):
             continue
         if form.kind == "neutral":
-            certainty = _qualify(low, hit, c_start, c_end)
+            certainty = _qualify(low, hit, c_start, c_end, findings)
             if certainty is None:
                 if form.fallback_anatomy is None:
                     continue
@@ -463,7 +641,17 @@ def _clause_mentions(
                 opacity = _Form(matcher.opacity_concept, "Lung Opacity", "finding", "finding")
                 resolved.append((_Hit(hit.start, hit.end, opacity), "negative"))
         else:
+            if form.category == "Lung Lesion" and _EXTRAPULMONARY_SITE_RE.search(
+                low, max(c_start, hit.start - 30), hit.start
+            ):
+                continue  # "chest wall mass", "breast carcinoma": not in the lung
             certainty = _classify(low, hit.start, hit.end, c_start, c_end)
+            if (
+                certainty != "negative"
+                and form.category in _HISTORY_CATEGORIES
+                and _pre_trigger(_HISTORY_RE, low, c_start, hit.start, 2)
+            ):
+                continue  # "history of CHF", "prior granulomatous infection": not on this image
             for extra in matcher.inner.get(" ".join(low[hit.start : hit.end].split()), ()):
                 resolved.append((_Hit(hit.start, hit.end, extra), certainty))
         resolved.append((hit, certainty))
@@ -527,21 +715,227 @@ def _pre_trigger(regex: re.Pattern[str], low: str, c_start: int, m_start: int, r
 
 
 def _classify(low: str, m_start: int, m_end: int, c_start: int, c_end: int) -> Certainty:
-    """NegBio order: pre-negation uncertainty, negation, post-negation uncertainty; else positive."""
+    """NegBio order: pre-negation uncertainty, negation, post-negation uncertainty; else positive.
+
+    Two additions sit in that order: partial resolution ("resolving", "nearly resolved") is an
+    uncertainty checked before negation, because negation owns the complete forms ("resolved");
+    and the post-mention rules also look past a coordinated subject ("heart size and pulmonary
+    vascular engorgement appear within limits of normal", "A and B have resolved").
+    """
     after = low[m_end : min(c_end, m_end + _POST_REACH_CHARS)]
+    predicate = _after_coordinated_subject(low, m_start, m_end, c_start, c_end)
+    later = low[predicate : min(c_end, predicate + _POST_REACH_CHARS)] if predicate is not None else None
     if _pre_trigger(_PRE_NEG_UNCERTAIN_RE, low, c_start, m_start, _PRE_NEGATION_REACH):
         return "uncertain"
     if _POST_NEG_UNCERTAIN_RE.match(after):
         return "uncertain"
+    if _pre_trigger(_PRE_PARTIAL_RESOLUTION_RE, low, c_start, m_start, _PRE_UNCERTAIN_REACH):
+        return "uncertain"
+    if _POST_PARTIAL_RESOLUTION_RE.match(after) or (later is not None and _POST_PARTIAL_RESOLUTION_RE.match(later)):
+        return "uncertain"
     if _pre_trigger(_PRE_NEGATION_RE, low, c_start, m_start, _PRE_NEGATION_REACH):
         return "negative"
-    if _POST_NEGATION_RE.match(after) and not _PSEUDO_RE.match(after.lstrip(" ,")):
-        return "negative"
+    # "congestion, pleural effusions are not seen": after a bare comma the predicate belongs to the
+    # next statement; a real list ("A, B, and C are not seen") is read through ``later``.
+    direct = None if _COMMA_SPLICE_RE.match(after) else after
+    for text in (direct, later):
+        if text is None:
+            continue
+        if _POST_NEGATION_RE.match(text) and not _PSEUDO_RE.match(text.lstrip(" ,")):
+            return "negative"
+        if _POST_NORMAL_RE.match(text):
+            return "negative"
     if _pre_trigger(_PRE_UNCERTAIN_RE, low, c_start, m_start, _PRE_UNCERTAIN_REACH):
         return "uncertain"
-    if _POST_UNCERTAIN_RE.match(after):
+    if _POST_UNCERTAIN_RE.match(after) or (later is not None and _POST_UNCERTAIN_RE.match(later)):
         return "uncertain"
     return "positive"
+
+
+_COMMA_SPLICE_RE = re.compile(r"\s*,\s*(?!(?:and|or|nor|not|no)(?![a-z]))[a-z]")
+_WORD_OR_COMMA = re.compile(r"\s*(,|&|[a-z0-9]+(?:[-/'][a-z0-9]+)*)")
+
+
+def _after_coordinated_subject(low: str, m_start: int, m_end: int, c_start: int, c_end: int) -> int | None:
+    """Where the predicate starts when the mention heads a list of subjects, else None.
+
+    "X and Y are normal", "X, Y, and the Z have resolved": the words after the mention must be
+    conjunctions, commas and short noun phrases (no verb, preposition or finding modifier), and the
+    list ends where the predicate begins. A mention modified by a severity or change word ("mild
+    edema and ...") reports a finding, so it never heads such a list.
+    """
+    if _ASSERTING_MODIFIER_RE.search(low, max(c_start, m_start - 30), m_start):
+        return None
+    pos, items, words_in_item, joined, saw_conjunction = m_end, 0, 0, False, False
+    last_item_end = None
+    while pos < c_end:
+        match = _WORD_OR_COMMA.match(low, pos, c_end)
+        if match is None:
+            break
+        word = match.group(1)
+        if word in (",", "&", "and", "or"):
+            if words_in_item == 0 and joined and word not in ("and", "or"):
+                return None
+            saw_conjunction = saw_conjunction or word != ","
+            joined, words_in_item = True, 0
+        elif word in ("the", "a", "an") and words_in_item == 0 and joined:
+            pass
+        elif word in _NOT_SUBJECT_WORDS:
+            break
+        elif joined:
+            words_in_item += 1
+            if words_in_item > 4:
+                return None
+            if words_in_item == 1:
+                items += 1
+            last_item_end = match.end()
+        else:
+            return None  # a word straight after the mention that is not a conjunction
+        pos = match.end()
+    if items == 0 or last_item_end is None or words_in_item == 0 or not saw_conjunction:
+        return None  # "A, B are normal" without and/or is two statements, not one list
+    return last_item_end
+
+
+@dataclass(frozen=True)
+class _Target:
+    """What an appearance is attributed to: a mention's category and concept, or a bare word."""
+
+    category: str | None
+    concept_id: str | None
+    denies: bool
+
+
+def _attribution_targets(
+    low: str,
+    t_end: int,
+    current: Sequence[Mention],
+    clauses: Sequence[tuple[int, int]],
+    anatomy: frozenset[str],
+) -> tuple[int, list[_Target]] | None:
+    """What an attribution trigger ending at ``t_end`` attributes to: (start, targets), or None.
+
+    The explanation must start within three words of the trigger; it extends over the mentions
+    that follow it in the same clause, within eight words ("atelectasis or scarring").
+    """
+    clause_end = next((b for a, b in clauses if a <= t_end < b), None)
+    if clause_end is None:
+        return None
+    found: list[tuple[int, _Target]] = []
+    for regex, denies in ((_DENYING_RE, True), (_CHARACTERISING_RE, False)):
+        word = regex.search(low, t_end, clause_end)
+        if word is not None and _tokens_between(low, t_end, word.start()) <= 3:
+            found.append((word.start(), _Target(None, None, denies)))
+    for m in current:
+        if m.concept_id in anatomy or not t_end <= m.start < clause_end:
+            continue
+        if _tokens_between(low, t_end, m.start) <= 8:
+            characterises = (
+                m.concept_id in _CHARACTERISING_CONCEPTS
+                or m.concept_id in _PARENCHYMAL_CONCEPTS
+                or m.category in _PARENCHYMAL_CATEGORIES
+            )
+            found.append((m.start, _Target(m.category, m.concept_id, not characterises)))
+    if not found:
+        return None
+    first = min(start for start, _ in found)
+    if _tokens_between(low, t_end, first) > 3:
+        return None
+    return first, [target for _, target in found]
+
+
+def _attribution_verdict(category: str | None, targets: list[_Target], hedged: bool) -> str | None:
+    """ "moved" (drop the appearance), "uncertain", or None (leave it) for an attributed appearance.
+
+    Left alone when a target is the same category ("nodule consistent with neoplasm") or, for Lung
+    Opacity, a parenchymal finding ("opacity consistent with pneumonia": CheXpert labels both). A
+    firm attribution moves the appearance. A hedged one makes it uncertain when the explanation
+    denies a lung finding ("may be artifact", "suggestive of stents"), and leaves it when it only
+    characterises one ("nodule, likely a granuloma": a nodule all the same).
+    """
+    if any(t.category == category for t in targets):
+        return None
+    if category == "Lung Opacity" and any(
+        t.category in _PARENCHYMAL_CATEGORIES or t.concept_id in _PARENCHYMAL_CONCEPTS for t in targets
+    ):
+        return None
+    if not hedged:
+        return "moved"
+    return "uncertain" if any(t.denies for t in targets) else None
+
+
+def _attribute_within(
+    low: str, current: list[Mention], clauses: Sequence[tuple[int, int]], anatomy: frozenset[str]
+) -> list[Mention]:
+    """Appearances attributed to something else in their own sentence move there (or turn uncertain).
+
+    "Nodular density overlying the left 4th rib represents a healing rib fracture": the density is
+    the fracture, so the Lung Lesion mention is dropped (the fracture keeps its own mention).
+    """
+    out: list[Mention] = []
+    for m in current:
+        if m.category not in _APPEARANCE_CATEGORIES or m.certainty == "negative":
+            out.append(m)
+            continue
+        verdict = None
+        for trigger in _ATTRIBUTION_RE.finditer(low, m.end, m.sentence_end):
+            if _tokens_between(low, m.end, trigger.start()) > 12:
+                break
+            if any(
+                o.concept_id not in anatomy
+                and m.end <= o.start < trigger.start()
+                and not (o.category in _APPEARANCE_CATEGORIES and _tokens_between(low, m.end, o.start) <= 1)
+                for o in current
+            ):
+                break  # another finding stands between ("nodular-like opacity" is one phrase)
+            hit = _attribution_targets(low, trigger.end(), current, clauses, anatomy)
+            if hit is None:
+                continue
+            first, targets = hit
+            verdict = _attribution_verdict(m.category, targets, _HEDGE_RE.search(low, m.end, first) is not None)
+            break
+        if verdict is None:
+            out.append(m)
+        elif verdict == "uncertain":
+            out.append(_with_certainty(m, "uncertain"))
+    return out
+
+
+def _attribute_anaphora(
+    low: str,
+    sentence: Sentence,
+    previous: list[Mention],
+    current: list[Mention],
+    clauses: Sequence[tuple[int, int]],
+    anatomy: frozenset[str],
+) -> list[Mention]:
+    """ "Small nodule near the left heart border. This represents a calcified granuloma.": a sentence
+    that opens by pointing back and attributes moves the previous sentence's appearances."""
+    opener = _ANAPHOR_RE.match(low, sentence.start, sentence.end)
+    if opener is None:
+        return previous
+    trigger = _ATTRIBUTION_RE.search(low, opener.end(), sentence.end)
+    if trigger is None or _tokens_between(low, opener.end(), trigger.start()) > 2:
+        return previous
+    hit = _attribution_targets(low, trigger.end(), current, clauses, anatomy)
+    if hit is None:
+        return previous
+    first, targets = hit
+    hedged = _HEDGE_RE.search(low, opener.start(), first) is not None
+    out: list[Mention] = []
+    for m in previous:
+        verdict = None
+        if m.category in _APPEARANCE_CATEGORIES and m.certainty != "negative":
+            verdict = _attribution_verdict(m.category, targets, hedged)
+        if verdict is None:
+            out.append(m)
+        elif verdict == "uncertain":
+            out.append(_with_certainty(m, "uncertain"))
+    return out
+
+
+def _with_certainty(m: Mention, certainty: Certainty) -> Mention:
+    return replace(m, certainty=certainty)
 
 
 _QUALIFIER_WORD = re.compile(r"[a-z]+")
@@ -553,8 +947,14 @@ def _qualifier_re(qualifiers: tuple[str, ...]) -> re.Pattern[str]:
     return re.compile(r"(?<![a-z])(?:" + "|".join(alternatives) + r")(?![a-z])")
 
 
-def _qualify(low: str, hit: _Hit, c_start: int, c_end: int) -> Certainty | None:
-    """Certainty of a neutral form from the nearest qualifier, or None when nothing qualifies it."""
+def _qualify(
+    low: str, hit: _Hit, c_start: int, c_end: int, findings: Sequence[tuple[int, int]] = ()
+) -> Certainty | None:
+    """Certainty of a neutral form from the nearest qualifier, or None when nothing qualifies it.
+
+    A qualifier inside another finding's phrase belongs to that finding: "increased density behind
+    the heart" says nothing about the heart's size.
+    """
     candidates: list[tuple[int, int, int, str]] = []  # (distance, start, end, kind)
     normal = [(m.start(), m.end()) for m in _NORMAL_RE.finditer(low, c_start, c_end)]
     if hit.form.positive_qualifiers:
@@ -565,6 +965,7 @@ def _qualify(low: str, hit: _Hit, c_start: int, c_end: int) -> Certainty | None:
     candidates.extend((0, ns, ne, "negative") for ns, ne in normal)
     for m in _STABLE_RE.finditer(low, c_start, c_end):
         candidates.append((0, m.start(), m.end(), "uncertain"))
+    candidates = [c for c in candidates if not any(fs < c[2] and c[1] < fe for fs, fe in findings)]
     best: tuple[int, int, int, str] | None = None
     for _, q_start, q_end, kind in candidates:
         if q_end <= hit.start:

@@ -156,6 +156,24 @@ ExtraUnitGradients = Callable[[int], Sequence[UnitGradient]]
 """noise-step number -> the extra units sampled into that step (see ``BucketedClippingGradient``)."""
 
 
+#: Relative head-room of the clip factor: fp32 rounding of the factor and of each clipped element (2 x 2^-24 at most)
+#: can then never lift a clipped unit's norm above C, whatever its unclipped norm (the absolute 1e-6 alone cannot
+#: cover a large norm).
+CLIP_MARGIN = 2.0**-20
+
+
+def clip_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of per-unit gradients, clip factors, clipped sums and noise: float32, or float64 for float64 models.
+    Never bf16/fp16, whatever autocast or the parameters use."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def clip_factors(norms: torch.Tensor, clipping_norm: float) -> torch.Tensor:
+    """min(1, C / norm) per unit, in float64, shrunk by ``CLIP_MARGIN`` so the clipped fp32 vector's norm is <= C."""
+    norms = norms.to(torch.float64)
+    return (clipping_norm / (norms * (1 + CLIP_MARGIN) + 1e-6)).clamp(max=1.0)
+
+
 class BucketedClippingGradient:
     """``GradientFn`` (see ``mlip_fed.train.trainer``) doing bucketed (or per-record) clipping plus Gaussian noise.
 
@@ -244,8 +262,10 @@ class BucketedClippingGradient:
         scale = loss_scale / self.num_buckets
         std = self.noise_multiplier * self.clipping_norm
         for p, s, prev in zip(self._params, summed, previous, strict=True):
-            noise = self.noise.sample(p.shape, std).to(p.device, p.dtype)
-            private = (s.to(p.dtype) + noise) * scale
+            # Noise drawn on the parameter's device, added in fp32 (or wider) to the fp32 clipped sum; only the
+            # released private gradient is rounded to the parameter's dtype (post-processing).
+            noise = self.noise.sample(p.shape, std, device=s.device)
+            private = ((s + noise) * scale).to(p.dtype)
             p.grad = private if prev is None else prev + private
         self.steps += 1
         return parts
@@ -265,8 +285,8 @@ class BucketedClippingGradient:
                     f"extra unit gradient on {self._names.get(id(self._params[unit.param]), '?')!r}: "
                     f"{index.numel()} indices for {value.numel()} values, parameter size {target.numel()}"
                 )
-            norm = float(value.double().norm())
-            target.index_add_(0, index, value * min(1.0, self.clipping_norm / (norm + 1e-6)))
+            factor = clip_factors(value.double().norm().reshape(1).cpu(), self.clipping_norm)
+            target.index_add_(0, index, value * factor.to(target.device, target.dtype))
         if self.last_stats is not None:
             self.last_stats.extra_units = len(units)
 
@@ -279,7 +299,7 @@ class BucketedClippingGradient:
         n = int(image.shape[0]) if isinstance(image, torch.Tensor) else 0
         if n == 0:
             self.last_stats = StepStats(0, 0, 0.0, 0.0)
-            return [torch.zeros_like(p) for p in self._params], {"total": 0.0}
+            return [torch.zeros_like(p, dtype=clip_dtype(p.dtype)) for p in self._params], {"total": 0.0}
         groups = self._groups(batch, n)
         uniq, row_group = torch.unique(groups, return_inverse=True)
         num_groups = int(uniq.numel())
@@ -291,17 +311,17 @@ class BucketedClippingGradient:
             total, parts_t = output.total, output.parts
         # total is a mean over the n samples of per-sample terms; n*total is a sum of per-group terms.
         (total * n).backward()
-        per_bucket = self._bucket_gradients(row_group.cpu(), n, num_groups)
+        per_bucket = self._bucket_gradients(row_group.cpu(), n, num_groups)  # fp32 (or wider) per bucket
         sq = torch.zeros(num_groups, dtype=torch.float64)
         for g in per_bucket:
             if g is not None:
                 sq += g.detach().flatten(1).double().pow(2).sum(dim=1).cpu()
         norms = sq.sqrt()
-        factor = (self.clipping_norm / (norms + 1e-6)).clamp(max=1.0)
+        factor = clip_factors(norms, self.clipping_norm)
         summed = []
         for p, g in zip(self._params, per_bucket, strict=True):
             if g is None:
-                summed.append(torch.zeros_like(p))
+                summed.append(torch.zeros_like(p, dtype=clip_dtype(p.dtype)))
             else:
                 f = factor.to(g.device, g.dtype).view(-1, *([1] * (g.dim() - 1)))
                 summed.append((g * f).sum(dim=0))
@@ -347,8 +367,10 @@ class BucketedClippingGradient:
             if rows % n:
                 raise RuntimeError(f"DP: parameter {name!r} has {rows} per-sample rows, not a multiple of batch {n}")
             index = row_group.repeat(rows // n).to(gs.device)
-            bucket = torch.zeros((num_groups, *gs.shape[1:]), dtype=gs.dtype, device=gs.device)
-            bucket.index_add_(0, index, gs)
+            # Summed in fp32 even when autocast or bf16 parameters made the per-sample rows bf16 (bf16 sums and clip
+            # factors let a clipped bucket's norm exceed C by ~0.3 %, more than the accountant allows).
+            bucket = torch.zeros((num_groups, *gs.shape[1:]), dtype=clip_dtype(gs.dtype), device=gs.device)
+            bucket.index_add_(0, index, gs.to(bucket.dtype))
             out.append(bucket)
             p.grad_sample = None
         return out

@@ -12,6 +12,8 @@ party that adds the noise, and nothing derived from that seed ever leaves it.
   of Holohan et al. 2021 that Opacus' ``secure_mode`` uses (discard one draw, return the sum of 4 draws / 2, which is
   exactly N(0, std^2)). Opacus' own CSPRNG (torchcsprng) is not installed, so the generator is torch's Mersenne
   Twister reseeded from OS entropy before every tensor: its state never spans more than one tensor's draws.
+  Noise for a GPU tensor is drawn on that GPU (no CPU draw and copy) by a generator on that device, seeded and, in
+  ``secure_mode``, reseeded exactly like the CPU one.
 - ``public_seed(*parts)``: a seed derived from public values. For randomness that protects nothing (canary audits'
   harness, tests) and for the ``privacy.insecure_reproducible_noise`` debug switch, whose ledger events are marked
   not private. Never for a released DP draw otherwise.
@@ -63,7 +65,10 @@ class GaussianNoise:
     def __init__(self, seed: int | None = None, *, secure_mode: bool = True) -> None:
         self.reproducible = seed is not None
         self.secure_mode = secure_mode
+        self._seed = seed
         self.generator = torch.Generator().manual_seed(secret_seed() if seed is None else seed)
+        #: One generator per accelerator the noise is drawn on, made on first use (see ``generator_for``).
+        self._device_generators: dict[torch.device, torch.Generator] = {}
         if self.reproducible:
             logger.warning("DP noise seeded with a caller-given seed: reproducible, not private if released")
 
@@ -71,17 +76,37 @@ class GaussianNoise:
     def source(self) -> str:
         return INSECURE_SOURCE if self.reproducible else SECRET_SOURCE
 
-    def sample(self, shape: torch.Size | tuple[int, ...], std: float) -> torch.Tensor:
-        """A float32 CPU tensor of N(0, std^2) draws (zeros when std is 0: noise explicitly off)."""
+    def generator_for(self, device: torch.device | str | None) -> torch.Generator:
+        """The generator drawing noise on ``device``: ``self.generator`` on the CPU; on an accelerator a generator on
+        that device, seeded from OS entropy (or, reproducibly, from the caller's seed and the device)."""
+        device = torch.device("cpu" if device is None else device)
+        if device.type == "cpu":
+            return self.generator
+        if device.index is None and device.type == "cuda":
+            device = torch.device("cuda", torch.cuda.current_device())
+        generator = self._device_generators.get(device)
+        if generator is None:
+            seed = secret_seed() if self._seed is None else public_seed(self._seed, device)
+            generator = self._device_generators[device] = torch.Generator(device=device).manual_seed(seed)
+        return generator
+
+    def sample(
+        self, shape: torch.Size | tuple[int, ...], std: float, *, device: torch.device | str | None = None
+    ) -> torch.Tensor:
+        """A float32 tensor of N(0, std^2) draws on ``device`` (default CPU), drawn there by ``generator_for(device)``
+        (zeros when std is 0: noise explicitly off)."""
+        device = torch.device("cpu" if device is None else device)
         if std == 0:
-            return torch.zeros(shape)
+            return torch.zeros(shape, device=device)
+        generator = self.generator_for(device)
         if self.secure_mode and not self.reproducible:
-            self.generator.manual_seed(secret_seed())
+            generator.manual_seed(secret_seed())
+        size = tuple(shape)
         if not self.secure_mode:
-            return torch.normal(0.0, std, size=tuple(shape), generator=self.generator)
+            return torch.normal(0.0, std, size=size, generator=generator, device=device)
         # Holohan et al. 2021 (as Opacus' _generate_noise with secure_mode): sum of 2n draws / sqrt(2n), n = 2.
-        torch.normal(0.0, std, size=(1,), generator=self.generator)  # discarded, as Opacus does
-        total = torch.zeros(shape)
+        torch.normal(0.0, std, size=(1,), generator=generator, device=device)  # discarded, as Opacus does
+        total = torch.zeros(size, device=device)
         for _ in range(4):
-            total += torch.normal(0.0, std, size=tuple(shape), generator=self.generator)
+            total += torch.normal(0.0, std, size=size, generator=generator, device=device)
         return total / 2

@@ -7,7 +7,10 @@ bucketed clipping without a second training loop (DESIGN.md, invariant 1).
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
+import os
 import random
 import time
 import weakref
@@ -26,6 +29,8 @@ from mlip_fed.io import append_jsonl, atomic_torch_save
 from mlip_fed.train.schedule import build_warmup_cosine
 
 CHECKPOINT_VERSION = 1
+
+logger = logging.getLogger("mlip_fed.train")
 
 
 class TrainingDiverged(RuntimeError):
@@ -71,10 +76,40 @@ class TrainSummary:
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if hidden_gpus():
+            _note_hidden_gpus()
+        return torch.device("cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device='cuda' but no CUDA device is visible")
+        hint = (
+            f" (CUDA_VISIBLE_DEVICES is empty but the host has {hidden_gpus()} NVIDIA GPU(s): in mlip-simulate give "
+            "each site GPUs with --gpus-per-site)"
+            if hidden_gpus()
+            else ""
+        )
+        raise RuntimeError(f"train.device='cuda' but no CUDA device is visible{hint}; set train.device=auto or cpu")
     return torch.device(name)
+
+
+def hidden_gpus() -> int:
+    """NVIDIA GPUs the host has but this process was told not to use (``CUDA_VISIBLE_DEVICES`` set and empty, as Ray
+    sets it for a Flower ClientApp given 0 GPUs). 0 when nothing is hidden or the driver lists no GPU."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) not in ("", "-1"):
+        return 0
+    try:
+        return len(list(Path("/proc/driver/nvidia/gpus").iterdir()))
+    except OSError:
+        return 0
+
+
+@functools.cache
+def _note_hidden_gpus() -> None:
+    logger.warning(
+        "train.device=auto trains on the CPU: CUDA_VISIBLE_DEVICES is empty although this host has %d NVIDIA GPU(s) "
+        "(a Flower simulation gives each ClientApp no GPU unless mlip-simulate --gpus-per-site > 0)",
+        hidden_gpus(),
+    )
 
 
 def seed_everything(seed: int) -> None:
@@ -296,10 +331,15 @@ class LocalTrainer:
 
     # ------------------------------------------------------------------ precision
     def _autocast_dtype(self) -> torch.dtype | None:
+        """bf16 autocast: on a GPU for ``amp=auto`` or ``bf16``; on a CPU only when ``amp=bf16`` asks for it.
+
+        CPU autocast supports bf16 (it is how the bf16 code paths, DP clipping included, are tested without a GPU),
+        so an explicit request is honoured rather than refused; without native bf16 instructions it is slower than
+        fp32, which is said once."""
         if self.cfg.amp == "off" or (self.cfg.amp == "auto" and self.device.type != "cuda"):
             return None
-        if self.device.type != "cuda":
-            raise RuntimeError("train.amp='bf16' is for GPU runs; set train.amp=off or auto on CPU")
+        if self.device.type == "cpu":
+            _note_cpu_bf16()
         return torch.bfloat16
 
     def _autocast(self) -> Any:
@@ -326,15 +366,19 @@ class LocalTrainer:
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.scheduler.load_state_dict(checkpoint["scheduler"])
         self.state = TrainState(**checkpoint["state"])
-        self._resume_rng = checkpoint["rng"]
-        _set_rng_state(checkpoint["rng"])
+        rng = _restorable_rng_state(checkpoint["rng"])
+        self._resume_rng = rng
+        _set_rng_state(rng)
 
     def save_checkpoint(self, path: Path) -> Path:
         return atomic_torch_save(path, self.state_dict())
 
     def load_checkpoint(self, path: Path) -> None:
+        """Resume from ``path``. Loaded onto the CPU: the RNG states must stay CPU ByteTensors (``map_location`` =
+        the GPU would move the saved CUDA RNG state there and ``torch.cuda.set_rng_state`` refuses it), and the model
+        and optimiser ``load_state_dict`` copy their tensors onto the trainer's device themselves."""
         try:
-            checkpoint = torch.load(path, map_location=self.device, weights_only=False)
+            checkpoint = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as err:  # a torn or foreign file: say which one
             raise ValueError(f"cannot read checkpoint {path}: {err}") from err
         self.load_state_dict(checkpoint)
@@ -351,12 +395,60 @@ def _get_rng_state() -> dict[str, Any]:
     return state
 
 
+def _cpu_byte_tensor(state: Any) -> torch.Tensor:
+    """An RNG state as the CPU ``torch.uint8`` tensor that ``torch.(cuda.)set_rng_state`` requires."""
+    return torch.as_tensor(state).detach().to(device="cpu", dtype=torch.uint8)
+
+
+def _restorable_rng_state(state: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's RNG states made restorable on this machine: CPU ByteTensors, and only as many CUDA states as
+    there are visible GPUs (a checkpoint from a machine with more, fewer or no GPUs resumes; what is not restored is
+    logged, since that part of the random stream then differs from an uninterrupted run)."""
+    out = {**state, "torch": _cpu_byte_tensor(state["torch"])}
+    saved = [_cpu_byte_tensor(s) for s in state.get("cuda") or []]
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if saved and len(saved) != visible:
+        logger.warning(
+            "checkpoint holds CUDA RNG states for %d GPU(s), this process sees %d: restoring %d, the rest "
+            "start from their current state (the resumed run's random stream differs from an uninterrupted one)",
+            len(saved),
+            visible,
+            min(len(saved), visible),
+        )
+    out["cuda"] = saved[:visible]
+    return out
+
+
 def _set_rng_state(state: dict[str, Any]) -> None:
+    """Restore states prepared by ``_restorable_rng_state``."""
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"].cpu() if hasattr(state["torch"], "cpu") else state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    torch.set_rng_state(_cpu_byte_tensor(state["torch"]))
+    for index, cuda_state in enumerate(state.get("cuda") or []):
+        torch.cuda.set_rng_state(_cpu_byte_tensor(cuda_state), device=index)
+
+
+@functools.cache
+def _note_cpu_bf16() -> None:
+    """Once per process: bf16 autocast on a CPU without bf16 instructions is emulated, hence slow."""
+    if not _cpu_has_native_bf16():
+        logger.warning(
+            "train.amp='bf16' on a CPU without native bf16 instructions (avx512_bf16/amx_bf16): autocast works but "
+            "is usually slower than fp32; set train.amp=auto (fp32 on CPU) for speed"
+        )
+
+
+def _cpu_has_native_bf16() -> bool:
+    """Whether this CPU has bf16 instructions (``avx512_bf16`` or ``amx_bf16`` in /proc/cpuinfo; False if unknown)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as info:
+            for line in info:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
