@@ -42,7 +42,8 @@ TOTAL_BUDGET_S = 1200.0
 #: A bench still running after this many times its budget is killed and recorded as failed.
 HARD_LIMIT_FACTOR = 3.0
 SCRATCH = REPO / "runs" / "bench"
-IU_REPORTS = Path(os.environ.get("MLIP_IU_REPORTS", "/work/shared/data/iu_xray_reports_dev.csv"))
+#: Real report data kept beside the repository, never in it; relative to the repository root, where benches run.
+IU_REPORTS = Path(os.environ.get("MLIP_IU_REPORTS", "../shared/data/iu_xray_reports_dev.csv"))
 
 
 @dataclass(frozen=True)
@@ -346,7 +347,7 @@ def run_bench(bench: Bench, python: str, repo: Path, env: dict[str, str] | None 
     }
     if not script.is_file():
         return BenchResult(**base, status="missing", returncode=None, wall_s=0.0, reason=f"{bench.script} not found")
-    absent = [str(p) for p in bench.requires if not Path(p).exists()]
+    absent = [str(p) for p in bench.requires if not (repo / p).exists()]
     if absent:
         return BenchResult(
             **base, status="skipped", returncode=None, wall_s=0.0, reason=f"needs {', '.join(absent)} (absent here)"

@@ -1,7 +1,7 @@
 """The site's half of SecAgg+: Flower's ``secaggplus_mod`` on train messages that ask for it, legacy FitIns/FitRes.
 
-One ClientApp serves plain and secure federations. Flower's SecAgg+ exists only on the legacy API (flwr 1.42,
-reference/flower-1.42.md §12): the server's ``SecAggPlusWorkflow`` sends four train messages per round, each with a
+One ClientApp serves plain and secure federations. Flower's SecAgg+ exists only on the legacy API (flwr 1.42;
+the Message-API port is unmerged): the server's ``SecAggPlusWorkflow`` sends four train messages per round, each with a
 ``secaggplus_configs`` record; ``secaggplus_mod`` answers the key-exchange and unmask stages itself and calls the
 train handler once, with legacy ``FitIns`` content, masking the ``FitRes`` parameters it returns. Applied to a plain
 message it fails (``KeyError: 'secaggplus_configs'``), hence ``secagg_mod`` applies it only when the record is there.

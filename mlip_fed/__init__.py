@@ -1,6 +1,6 @@
 """mlip-fed: federated MLIP pretraining for chest X-rays.
 
-The library never imports ``flwr`` (DESIGN.md, invariant 1): everything here runs the same
+The library never imports ``flwr`` (docs/architecture.md, invariant 1): everything here runs the same
 centrally and inside a Flower ClientApp.
 """
 

@@ -1,4 +1,4 @@
-"""The one configuration schema (DESIGN.md, invariant 2).
+"""The one configuration schema (docs/architecture.md, invariant 2).
 
 Hydra composes YAML into a plain dict; these pydantic models validate it. A site's own YAML and
 Flower's ``run_config`` overrides end up here too, so a bad value fails at start-up with the
@@ -273,7 +273,7 @@ class SiteConfig(_Strict):
     """One hospital's ``site.yaml``: who it is, where the SuperLink is, its keys, its data and its own privacy.
 
     The server names the experiment (model, objectives, schedule); the site alone decides what data it
-    trains on, on which device, and under which privacy policy (DESIGN.md, invariant 3). Paths are
+    trains on, on which device, and under which privacy policy (docs/architecture.md, invariant 3). Paths are
     resolved against the YAML file's folder by ``mlip_fed.deploy.site_config.load_site_config``.
     """
 

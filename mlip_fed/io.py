@@ -1,7 +1,7 @@
 """Durable writes: temp file, fsync, rename.
 
 A crash mid-write must leave either the old file or the new one, never half of one: checkpoints,
-ledgers and result files all go through here (DESIGN.md, invariant 5).
+ledgers and result files all go through here (docs/architecture.md, invariant 5).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Flower ServerApp: moves messages between the grid and ``FederationCoordinator``; no ML here.
 
-Our own round loop (pattern C of reference/flower-1.42.md §11) rather than ``FedAvg.start()``:
+Our own round loop (docs/federation.md "Why our own loop") rather than ``FedAvg.start()``:
 replies carry two ArrayRecords (weights and bank), every round is checkpointed and resumable, a
 failing or silent site is named and left out, and each round is bounded by ``round_timeout_s``.
 """

@@ -1,7 +1,7 @@
 """Wire format of one round: ``mlip_fed.federation.payload`` types <-> Flower ``RecordDict``.
 
-Server and ClientApp both import this, so the two ends cannot drift. Our own loop (pattern C of
-reference/flower-1.42.md §11) is not bound by FedAvg's one-ArrayRecord rule: weights and bank travel
+Server and ClientApp both import this, so the two ends cannot drift. Our own loop (not ``FedAvg.start()``,
+see docs/federation.md "Why our own loop") is not bound by FedAvg's one-ArrayRecord rule: weights and bank travel
 as two ArrayRecords, so ``bytes`` per round can be reported for each.
 
 Transport dtype (``federation.transport_dtype``): float32 weights and bank prototypes/sums may travel as

@@ -1,6 +1,6 @@
 """SecAgg+ rounds: Flower's legacy ``DefaultWorkflow(fit_workflow=SecAggPlusWorkflow)`` driving our coordinator.
 
-Flower 1.42 has SecAgg+ only on the legacy API (reference/flower-1.42.md §12), so a secure federation runs the
+Flower 1.42 has SecAgg+ only on the legacy API (``flwr.server.workflow``; no Message-API port), so a secure federation runs the
 legacy workflow with a small legacy ``Strategy`` instead of our own round loop. The strategy holds no ML: it turns
 the coordinator's round request into ``FitIns`` and hands the unmasked aggregate (the only thing the workflow
 exposes) to ``FederationCoordinator.complete_secure_round``, which does the optimiser step, bank merge,

@@ -39,8 +39,9 @@ def test_federation_config_carries_the_gpu_share_into_flowers_backend_config() -
 def test_run_flwr_simulation_passes_the_gpu_share_to_flwr_run(tmp_path: Path, monkeypatch) -> None:
     commands: list[list[str]] = []
 
-    class _Finished:
+    class _Finished:  # flwr run, and the launcher watchdog started beside it
         stdout = io.StringIO("")
+        pid = 0
 
         def __init__(self, cmd: list[str], **_: Any) -> None:
             commands.append(cmd)

@@ -1,5 +1,5 @@
 """Loopback deployment, one run covering issue #5 §5: a TLS SuperLink with node authentication behind its Fleet
-gateway (``python -m mlip_fed.cli.superlink``), three hospitals started through ``mlip-client`` pinning the
+gateway (``mlip-superlink``), three hospitals started through ``mlip-client`` pinning the
 app's FAB hash, ``flwr run`` of the ``smoke`` experiment for 2 rounds; an
 unregistered fourth node is refused; one hospital is SIGKILLed mid-round 1 (launcher, SuperNode,
 SuperExec and ClientApp, by PID), round 1 completes with the two survivors once the SuperLink marks the

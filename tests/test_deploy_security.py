@@ -5,7 +5,7 @@ Fast tests: the gateway's route table, the SuperLink refusing a public address, 
 leave a marker file at import is refused before it is unpacked), and tripwires on the Flower 1.42 facts the
 guard relies on.
 
-Loopback test (marker ``integration``): ``python -m mlip_fed.cli.superlink`` (the SuperLink on 127.0.0.1:control,
+Loopback test (marker ``integration``): ``mlip-superlink`` (the SuperLink on 127.0.0.1:control,
 the Fleet gateway on another port), three registered hospitals started through ``mlip-client`` on the gateway
 address, two pinning the FAB hash ``mlip-certs fab-hash`` prints and one pinning another; an outsider holding
 the CA certificate and a key pair of its own tries ``flwr supernode register`` and ``flwr run`` of its own app
@@ -76,6 +76,30 @@ def test_gateway_forwards_the_fleet_api_only() -> None:
         "/",
     ]
     assert not [path for path in refused if allowed("POST", path) or allowed("GET", path)]
+
+
+def test_gateway_refuses_before_the_superlink_and_reports_it_unreachable(tmp_path: Path) -> None:
+    """The ASGI app itself: a refused route never leaves the gateway; an allowed one with no SuperLink is a 502."""
+    import asyncio
+
+    import httpx
+
+    from mlip_fed.deploy.certs import write_ca
+    from mlip_fed.deploy.gateway import FleetGateway
+    from mlip_fed.federation.simulation import free_port
+
+    cert, _ = write_ca(tmp_path)
+    gateway = FleetGateway(f"https://127.0.0.1:{free_port()}", cert, timeout_s=5)
+
+    async def calls() -> list[int]:
+        transport = httpx.ASGITransport(app=gateway, client=("203.0.113.7", 51234))
+        async with httpx.AsyncClient(transport=transport, base_url="https://gateway") as client:
+            refused = await client.post("/v1/control/start-run", content=b"x")
+            unreachable = await client.post("/v1/fleet/pull-messages", content=b"x")
+        await gateway.aclose()
+        return [refused.status_code, unreachable.status_code]
+
+    assert asyncio.run(calls()) == [403, 502]
 
 
 def test_superlink_binds_this_host_only(tmp_path: Path) -> None:

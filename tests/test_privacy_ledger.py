@@ -77,7 +77,7 @@ def test_epsilon_matches_dp_accounting_rdp_for_heterogeneous_history() -> None:
 
 def test_calibration_hits_target_for_the_whole_schedule() -> None:
     sigma = calibrate_noise_multiplier(8.0, 1e-5, 0.0128, 3900, sensitivity_factor=2.0)
-    assert sigma == pytest.approx(1.66, abs=0.03)  # privacy.md §4: bucketed eps = 8 needs sigma = 1.66
+    assert sigma == pytest.approx(1.66, abs=0.03)  # bucketed (accounted at sigma/2): eps = 8 needs sigma = 1.66
     eps = compute_epsilon([AccountedStep(sigma / 2, 0.0128, 3900)], 1e-5, with_prv=False).rdp
     assert eps <= 8.0 and eps > 7.9
 

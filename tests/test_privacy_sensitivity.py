@@ -88,7 +88,7 @@ def test_bucketed_clipping_moves_by_at_most_2C(seed: int) -> None:
 def test_naive_per_record_clipping_of_infonce_exceeds_C() -> None:
     """Adding one record to a coupled InfoNCE batch moves the per-record-clipped sum by more than C.
 
-    Construction (privacy.md §2): near-identical reports make every record's path gradient ~0; one extra pair
+    Construction (docs/privacy.md, sample-level DP): near-identical reports make every record's path gradient ~0; one extra pair
     with a different report enters every softmax and turns all of them in the same direction. Bucketed clipping
     of the same data stays within its 2C bound.
     """

@@ -1,6 +1,6 @@
 """Run the federation's SuperLink: ``flower-superlink`` on 127.0.0.1 only, and the Fleet gateway for the sites.
 
-    python -m mlip_fed.cli.superlink --certs certs --host 0.0.0.0 --port 9092 --control-port 9093 \\
+    mlip-superlink --certs certs --host 0.0.0.0 --port 9092 --control-port 9093 \\
         --database state/superlink.db
 
 The sites' SuperNodes connect to ``--host``:``--port`` (the gateway: Fleet API only, TLS with ``server.pem``).
@@ -33,7 +33,9 @@ NAME = "mlip-superlink"
 def build_parser() -> argparse.ArgumentParser:
     from mlip_fed.deploy.superlink import CONTROL_PORT, FLEET_PORT
 
-    parser = argparse.ArgumentParser(prog=NAME, description=describe(__doc__), formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="mlip-superlink", description=describe(__doc__), formatter_class=HelpFormatter
+    )
     parser.add_argument(
         "--certs", type=Path, required=True, metavar="DIR", help="folder with ca.crt, server.pem, server.key"
     )

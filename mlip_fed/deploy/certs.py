@@ -1,7 +1,7 @@
 """Certificates and node keys for a federation: a CA, the SuperLink's TLS certificate, one EC key pair per site.
 
-Same recipe as Flower's ``examples/supernode-authentication/generate_creds.py`` (reference
-flower-1.42.md §8-9): CA on EC P-256 with keyCertSign/cRLSign; SuperLink certificate with SANs
+Same recipe as Flower's ``examples/supernode-authentication/generate_creds.py`` (Flower's "Authenticate
+SuperNodes" guide): CA on EC P-256 with keyCertSign/cRLSign; SuperLink certificate with SANs
 (default ``DNS:localhost, IP:127.0.0.1``) and EKU serverAuth; site keys on a NIST curve (P-384, as
 the example), private key in OpenSSH format (``flower-supernode --auth-supernode-private-key`` loads
 it with ``load_ssh_private_key``), public key as an OpenSSH line (``flwr supernode register``).

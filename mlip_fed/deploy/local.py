@@ -3,7 +3,7 @@
 
 The loopback tests and ``bench/deploy_rounds.py`` drive the same processes a real federation runs, on
 127.0.0.1 and free ports, so what they check and measure is the deployment, not a re-enactment: with TLS,
-``python -m mlip_fed.cli.superlink`` (the SuperLink on its control port, the gateway on ``port``), the operator's
+``mlip-superlink`` (the SuperLink on its control port, the gateway on ``port``), the operator's
 ``flwr`` on the control address, the sites on the gateway address, each pinning the FAB hash that
 ``mlip-certs fab-hash`` prints. Every process is started here, tracked by PID and stopped by PID (``stop``),
 never by name.

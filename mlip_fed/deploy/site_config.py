@@ -104,7 +104,7 @@ def site_experiment(site: SiteConfig, cfg: ExperimentConfig) -> ExperimentConfig
     """The server's experiment as this site runs it: the site's data, device, threads and privacy policy win.
 
     The server chooses the model and the schedule; it cannot choose the site's data or loosen its
-    policy (DESIGN.md, invariant 3), so those fields come from the site YAML only. Where the model's
+    policy (docs/architecture.md, invariant 3), so those fields come from the site YAML only. Where the model's
     pretrained weights live at this site may differ too (``site_model``). The data's image
     size must match the server's model, which is checked here rather than in round 1.
     """

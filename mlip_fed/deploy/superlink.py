@@ -4,7 +4,7 @@ Only registered sites may join: ``flower-superlink --enable-supernode-auth`` (TL
 ``flwr supernode register <site>.pub <connection>`` per site. Only the operator may register nodes or start runs:
 Flower 1.42 serves the Fleet, Control and Runtime APIs from one address and authenticates no Control API account,
 so the SuperLink is bound to 127.0.0.1 (``superlink_command`` refuses anything else) and the sites reach it through
-``mlip_fed.deploy.gateway``, which forwards the Fleet API only. ``python -m mlip_fed.cli.superlink`` runs both
+``mlip_fed.deploy.gateway``, which forwards the Fleet API only. ``mlip-superlink`` runs both
 (``launcher_command``). Runtime dependency installation stays off: the server's environment is the project's,
 not a per-run ``uv sync``.
 """
@@ -39,7 +39,7 @@ def superlink_command(
         raise ValueError(
             f"--host {host}: flower-superlink serves the Control API (register nodes, start runs; no account "
             "authentication in Flower 1.42) on the same address as the Fleet API, so it listens on 127.0.0.1 only; "
-            "sites reach it through the Fleet gateway (python -m mlip_fed.cli.superlink --host <public address>)"
+            "sites reach it through the Fleet gateway (mlip-superlink --host <public address>)"
         )
     certs_dir = Path(certs_dir).resolve()
     for name in (CA_CERT, SERVER_CERT, SERVER_KEY):
@@ -73,7 +73,7 @@ def launcher_command(
     database: Path | None = None,
     python: str = "python",
 ) -> list[str]:
-    """``python -m mlip_fed.cli.superlink``: the SuperLink on 127.0.0.1:``control_port``, the gateway on ``host:port``."""
+    """``mlip-superlink``: the SuperLink on 127.0.0.1:``control_port``, the gateway on ``host:port``."""
     cmd = [python, "-m", "mlip_fed.cli.superlink", "--certs", str(certs_dir), "--host", host, "--port", str(port)]
     cmd += ["--control-port", str(control_port)]
     return cmd + (["--database", str(database)] if database is not None else [])

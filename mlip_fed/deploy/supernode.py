@@ -1,6 +1,6 @@
 """Start a hospital's ``flower-supernode`` from its validated site config and stay its parent.
 
-Never ``start_client`` (deprecated; cannot reach ``flower-superlink``, reference flower-1.42.md §10).
+Never ``start_client`` (deprecated since Flower 1.13; it speaks only to the legacy ``start_server``, never to ``flower-superlink``).
 The launcher execs nothing itself: it keeps the SuperNode as a child so SIGINT/SIGTERM reach it
 (a service manager stops the launcher, the SuperNode must stop too) and so Flower's exit codes can
 be turned into a sentence a hospital's IT can act on.
@@ -44,7 +44,7 @@ def _task_exit(code: int) -> bool:
     return 250 <= code < 300 or code in (607, 608) or 800 <= code < 900
 
 
-#: A site talks to its SuperLink only: no telemetry, no update check, no model hub (DESIGN.md, invariant 6).
+#: A site talks to its SuperLink only: no telemetry, no update check, no model hub (docs/architecture.md, invariant 6).
 OFFLINE_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",
     "FLWR_DISABLE_UPDATE_CHECK": "1",

@@ -1,6 +1,6 @@
 """Linear probe: one logistic-regression head per CheXpert class on frozen pre-projection features.
 
-Follows the CPU variant of the mlip-fed protocol (reference/mlip-method.md §7.3): sklearn
+Follows the CPU variant of the mlip-fed evaluation protocol: sklearn
 ``LogisticRegression`` (L2, lbfgs) on standardised features, label fractions 1/10/100 % of the train
 split, AUROC on the test split. Conventions, stated once here:
 

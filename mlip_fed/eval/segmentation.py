@@ -1,6 +1,6 @@
 """Segmentation on frozen patch features: a small decoder trained on cached ``.patches``.
 
-The encoder stays frozen (reference/mlip-method.md §7.3), so its patch embeddings are extracted
+The encoder stays frozen (evaluators never train the encoder they measure), so its patch embeddings are extracted
 once and a light decoder — conv, then (×2 upsample, conv) until the patch grid reaches the mask
 size, then a 1×1 classifier — is trained on them for a few epochs. It measures how much spatial
 information the patch embeddings carry, which is what the local token–patch alignment objective is
@@ -9,7 +9,7 @@ conv map).
 
 Masks are single-label: 0 = background, k = ``class_names[k-1]``. Prediction is the per-pixel argmax
 (for one finding that equals thresholding the softmax at 0.5). Dice is per image and per class, with
-empty ground truth and empty prediction scoring 1 (MGCA/§7.2 convention), averaged over images;
+empty ground truth and empty prediction scoring 1 (MGCA's convention), averaged over images;
 ``dice_positive`` averages only over images that contain the class. Training is deterministic on
 CPU for a given seed (the global RNG is forked, so the caller's stream is untouched).
 """

@@ -1,7 +1,7 @@
 """Client-level DP (DP-FedAvg, McMahan et al. 2018): clip each site's update, average equally, add noise, account.
 
 Why our own and not Flower's ``DifferentialPrivacyServerSideFixedClipping``: its accountant requires an unmodified
-``FedAvg.aggregate_train`` (reference/flower-1.42.md §13), and our round loop is our own (pattern C). The mechanism is
+``FedAvg.aggregate_train`` (and no Poisson sampling), and our round loop is our own (docs/federation.md). The mechanism is
 the same as Flower's server-side fixed clipping (trusted server):
 
 - Δ_k = θ_k − θ_global over the whole floating-point encoder weight vector, clipped to ‖Δ_k‖₂ ≤ S. Bank statistics
@@ -11,7 +11,7 @@ the same as Flower's server-side fixed clipping (trusted server):
   moves the mean by at most S/m.
 - N(0, (z·S/m)²) is added per coordinate: the Gaussian mechanism with noise multiplier z on a sensitivity-S/m query.
 
-Accounting (reference/privacy.md §5): one event per aggregated round, Poisson-subsampled Gaussian with noise multiplier
+Accounting (docs/privacy.md "Client-level DP"): one event per aggregated round, Poisson-subsampled Gaussian with noise multiplier
 z and sample rate q = m/K (q = 1 when every site takes part: no amplification; one hospital = one client). Two figures
 are reported, and neither is added to a site's sample-level ε_k (they protect different units):
 

@@ -1,6 +1,6 @@
 """What travels in one round, as plain Python/tensor types (Flower encoding lives in ``server/codec.py``).
 
-Everything a site releases is listed here (DESIGN.md, invariant 4): the weights, the bank sums and
+Everything a site releases is listed here (docs/architecture.md, invariant 4): the weights, the bank sums and
 counts, and the scalar metrics in ``SiteUpdate``. Nothing else leaves a site.
 """
 

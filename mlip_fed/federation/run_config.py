@@ -1,4 +1,4 @@
-"""Flower ``run_config`` -> validated ``ExperimentConfig`` (DESIGN.md, invariant 2).
+"""Flower ``run_config`` -> validated ``ExperimentConfig`` (docs/architecture.md, invariant 2).
 
 Flower's run config stays small: an experiment name, a hydra override string, a round count and an
 output dir. Everything else is composed by hydra and validated by pydantic, exactly as for

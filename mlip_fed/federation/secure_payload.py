@@ -20,7 +20,7 @@ counts and counts by ``n_i``; a value outside the clipping range is refused here
 
 Precision: stochastic quantization with step ``2 * CLIPPING_RANGE / QUANTIZATION_RANGE`` (~1e-6) per value and
 site; the averaged weights carry an error of about ``step * S / n`` and bank totals about ``m * S * step``.
-All arrays are 1-d: 0-d arrays come back corrupted from SecAgg+ (reference/flower-1.42.md §12).
+All arrays are 1-d: 0-d arrays come back corrupted from SecAgg+ (a scalar 2.66 came back as 16.6 after one round in Flower 1.42).
 """
 
 from __future__ import annotations

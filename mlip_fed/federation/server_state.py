@@ -1,6 +1,6 @@
 """The server's global state and its atomic checkpoint.
 
-Flower has no resume (reference/flower-1.42.md §14): the round counter, the bank, the server
+Flower 1.42 has no resume: the round counter, the bank, the server
 optimiser's moments and the per-round history are ours to persist. One file holds all of them and is
 replaced atomically after every round, so a server killed at any moment restarts from the last
 *completed* round, never from a half-written one.

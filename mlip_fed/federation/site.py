@@ -50,7 +50,7 @@ class RoundRefused(RuntimeError):
 
 
 def privacy_overrides(config: Mapping[str, Any]) -> list[str]:
-    """Request keys that try to set a privacy field. The site ignores them: its policy is its own (invariant 3)."""
+    """Request keys that try to set a privacy field. The site ignores them: its policy is its own (docs/architecture.md, invariant 3)."""
     fields = set(PrivacyPolicy.model_fields)
     found = []
     for key in config:

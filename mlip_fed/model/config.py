@@ -93,7 +93,7 @@ class GlobalITCConfig(_Strict):
     enabled: bool = True
     weight: float = Field(default=1.0, ge=0.0)
     temperature: float = Field(default=0.07, gt=0.0)
-    #: EMA "divergence" image encoder on a second view giving soft targets (reading A of mlip-method.md §4.2).
+    #: EMA "divergence" image encoder on a second view giving soft targets (reading A, ALBEF momentum distillation: docs/method.md).
     divergence: bool = True
     momentum: float = Field(default=0.995, ge=0.0, le=1.0)
     alpha: float = Field(default=0.4, ge=0.0, le=1.0)

@@ -3,7 +3,7 @@
 The ledger stores every DP event as (effective noise multiplier, sample rate, steps); that list is a
 sufficient statistic for both accountants (Opacus ``history``), so an accountant rebuilt from the
 ledger after any restart equals one that lived through every step. The reported epsilon is the
-larger of the two upper bounds by default (reference/privacy.md §9); a site's ``privacy.accountant`` can choose
+larger of the two upper bounds by default (docs/privacy.md "Ledger, accountant and policy"); a site's ``privacy.accountant`` can choose
 ``rdp`` or ``prv`` instead (both are valid upper bounds; ``max`` is the conservative default). PRV can be unstable at
 very large epsilon (Opacus #587); if it fails the report says so and uses RDP alone rather than hiding it.
 
@@ -174,7 +174,7 @@ def calibrate_noise_multiplier(
 ) -> float:
     """Smallest sigma (units of C) such that ``prior`` + ``steps`` steps at (sigma / factor, q) stays <= target (RDP).
 
-    Calibrate once for the whole schedule (all rounds' steps), never per round (reference/privacy.md §6).
+    Calibrate once for the whole schedule (all rounds' steps), never per round: per-round calibration would let the total overshoot the budget.
     """
     if steps < 1:
         raise ValueError(f"calibrate_noise_multiplier: steps must be >= 1, got {steps}")

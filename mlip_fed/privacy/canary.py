@@ -3,8 +3,8 @@
 m canaries are each included in training with probability 1/2; after training the auditor scores
 them, guesses "in" for the k+ highest and "out" for the k- lowest scores and counts v correct of
 r guesses. If the mechanism is (eps, delta)-DP, that many correct guesses is unlikely; the largest
-eps still consistent at significance p is a lower bound on the true epsilon (reference/privacy.md
-§10.1). It is a bug detector, not a certificate: a bound far above the claimed epsilon means the
+eps still consistent at significance p is a lower bound on the true epsilon (docs/privacy.md,
+"Empirical one-run audit"). It is a bug detector, not a certificate: a bound far above the claimed epsilon means the
 implementation leaks more than the accountant says.
 """
 

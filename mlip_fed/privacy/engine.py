@@ -2,7 +2,7 @@
 
 Why not ``make_private``: Opacus clips each record's *path gradient*, but with in-batch negatives
 every record's gradient depends on the others, so one patient can move the clipped sum by
-(2B-1)C and the reported epsilon is invalid (reference/privacy.md §2). Here the model runs with
+(2B-1)C and the reported epsilon is invalid (docs/privacy.md; ``tests/test_privacy_sensitivity.py`` shows it). Here the model runs with
 ``batch["group_ids"]`` = patient-hash bucket, so each bucket's loss depends only on its members.
 Opacus hooks give per-row gradients ``p.grad_sample``; summing the rows of a bucket gives exactly
 that bucket's gradient (row r of a layer belongs to sample r mod B: the ITM fusion sees 3B rows).
@@ -381,7 +381,7 @@ class PublicNegativesLoss:
 
     The negatives are embeddings of public text (by default the knowledge base's category descriptions and
     concept definitions) computed under ``no_grad`` by the current text tower, so record k's loss term depends
-    on record k only and per-record clipping bounds its influence by C (reference/privacy.md §4, pattern B).
+    on record k only and per-record clipping bounds its influence by C (docs/privacy.md "Decomposable mode").
     Only image->text and text->public-text directions are used (there are no public images).
     """
 

@@ -1,6 +1,6 @@
 """A site's policy check before it trains a round: what would this round cost, and is it allowed?
 
-The site decides, not the server (DESIGN.md invariant 3): the check reads the site's own policy and
+The site decides, not the server (docs/architecture.md, invariant 3): the check reads the site's own policy and
 ledger and returns a ``Refusal`` whose reason is sent back to the server and logged there.
 """
 

@@ -1,7 +1,7 @@
 """DP release of prototype-bank statistics: noisy per-category sums of unit-norm embeddings and counts.
 
 A per-category mean embedding leaks a patient's embedding when the category is small, and counts
-leak case mix (reference/privacy.md §8).
+leak case mix (docs/privacy.md "Prototype-bank release").
 
 Sensitivity. The statistics are built per privacy unit (``federation.site.accumulate_bank`` with a unit key): a
 unit's records positive for category c are first AVERAGED (mean of their unit-norm image embeddings, mean of their

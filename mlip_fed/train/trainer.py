@@ -2,7 +2,7 @@
 
 It owns the optimiser, the schedule, mixed precision, accumulation, logging and checkpoints. What
 "compute the gradient of a batch" means is pluggable (``GradientFn``) so the DP engine can swap in
-bucketed clipping without a second training loop (DESIGN.md, invariant 1).
+bucketed clipping without a second training loop (docs/architecture.md, invariant 1).
 """
 
 from __future__ import annotations

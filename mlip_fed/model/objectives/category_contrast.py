@@ -1,4 +1,4 @@
-"""Knowledge-guided category-level contrast (mlip-method.md §4.4).
+"""Knowledge-guided category-level contrast (docs/method.md, "category" rows).
 
 Prototypes = K_c knowledge prototypes (one per CheXpert category, initialised from the projected
 text embedding of its knowledge-base description, so every site starts from the same rows for the

@@ -1,4 +1,4 @@
-"""Global image-text contrast with the divergence (EMA) image encoder (mlip-method.md §4.2, reading A).
+"""Global image-text contrast with the divergence (EMA) image encoder (reading A: docs/method.md).
 
 The online image embedding v and text embedding t are contrasted symmetrically. Targets are soft:
 (1-alpha)*one-hot + alpha*softmax(v^d . t^d / tau), where v^d comes from an EMA copy of the image

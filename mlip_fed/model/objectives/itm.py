@@ -1,4 +1,4 @@
-"""Image-text matching with a small cross-attention fusion head and ITC-sampled hard negatives (§4.5).
+"""Image-text matching with a small cross-attention fusion head and ITC-sampled hard negatives (docs/method.md).
 
 Attention is written with ``nn.Linear`` q/k/v rather than ``nn.MultiheadAttention``, so Opacus
 hooks it directly (no DPMultiheadAttention swap, no state-dict schema change).

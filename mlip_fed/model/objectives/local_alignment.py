@@ -1,4 +1,4 @@
-"""Token-knowledge-patch local alignment (mlip-method.md §3(ii) and §4.3).
+"""Token-knowledge-patch local alignment (docs/method.md, "local" rows).
 
 Word tokens are enriched with the knowledge tokens of the entities found in the report
 (span-aligned addition: every word inside entity e's span gets k_e added, then is re-normalised),

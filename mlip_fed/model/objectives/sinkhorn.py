@@ -1,7 +1,7 @@
 """Sinkhorn-Knopp equipartition codes (SwAV/MGCA), computed batch-locally.
 
 MGCA's published run is per-GPU batch-local (its distributed variant is never selected), so a
-site-local Sinkhorn matches centralized practice (mlip-method.md §6).
+site-local Sinkhorn matches centralized practice.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Text swapping (mlip-method.md §4.6): counterfactual reports as extra ITM negatives.
+"""Text swapping (docs/method.md, "swap" rows): counterfactual reports as extra ITM negatives.
 
 ``make_counterfactual`` edits a report at the labeler's mention spans: a finding is swapped for a
 finding of another category, a laterality is flipped, or a negation is flipped. The result is
