@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -18,13 +18,18 @@ import pytest
 import torch
 
 from mlip_fed.federation import venv_defaults
+from mlip_fed.federation.coordinator import RUN_ID_FILE
 from mlip_fed.federation.simulation import (
+    _alive,
+    descendants,
     free_port,
     run_flwr_simulation,
     stop_superlink,
     superlink_pids,
     write_run_config,
 )
+from mlip_fed.federation.site import PRIVACY_LEDGER
+from mlip_fed.privacy.ledger import PrivacyLedger
 
 pytestmark = pytest.mark.integration
 
@@ -78,41 +83,53 @@ def test_three_sites_two_rounds(tmp_path: Path) -> None:
     assert "round   sites     loss" in result.log_path.read_text()  # the progress table reached the stream
 
 
-def test_kill_after_round_one_then_resume(tmp_path: Path) -> None:
+def test_ctrl_c_after_round_one_then_resume(tmp_path: Path) -> None:
+    """Ctrl-C (SIGINT to mlip-simulate's process group) after round 1 under site DP: mlip-simulate exits 130 with
+    the resume command, every process it started (flwr run, the detached SuperLink, SuperExec, the simulation, Ray,
+    the watchdog) is gone; federation.resume=true then runs to the last round, and every site's privacy ledger holds
+    one event per (round, kind), all under the run's one id (a round interrupted mid-way is not charged twice)."""
     output_dir = tmp_path / "run"
-    flwr_home = tmp_path / "flwr_home"
-    overrides = _overrides(tmp_path / "data", 2)
+    overrides = [*_overrides(tmp_path / "data", 2), "privacy=bucketed"]
     results_file = output_dir / "results.json"
-
-    def kill_after_round_one() -> None:
+    num_rounds = 4  # the interrupt lands after round 1 or, on a slow machine, a round later: room either way
+    cmd = [str(Path(sys.executable).parent / "mlip-simulate"), "--sites", "2", "--rounds", str(num_rounds)]
+    cmd += ["--out", str(output_dir), "--timeout", "400", "experiment=smoke", *overrides]
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    out_path, err_path = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
+    with out_path.open("w") as out, err_path.open("w") as err:  # files, not pipes: nobody reads while it runs
+        # Its own process group, as a terminal's foreground job: SIGINT to the group is what Ctrl-C sends.
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=err, start_new_session=True)
+    started: list[int] = []
+    try:
         deadline = time.monotonic() + 400
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and proc.poll() is None:
             if results_file.is_file() and '"completed_rounds": 1' in results_file.read_text():
-                stop_superlink(flwr_home)  # the ServerApp and Ray die with it, mid round 2
-                return
+                started = descendants(proc.pid)  # flwr run, SuperLink, SuperExec, simulation, Ray, watchdog
+                os.killpg(proc.pid, signal.SIGINT)
+                break
             time.sleep(0.1)
+        proc.wait(timeout=120)  # a generous bound: it must exit, how fast is not tested
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    stdout, stderr = out_path.read_text(), err_path.read_text()
+    assert started, f"round 1 never completed:\n{stdout[-3000:]}\n{stderr[-3000:]}"
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "federation.resume=true" in stderr and "interrupted after round" in stderr, stderr[-3000:]
+    deadline = time.monotonic() + 30  # SIGKILLed children are reaped by init a moment later
+    while time.monotonic() < deadline and any(_alive(pid) for pid in started):
+        time.sleep(0.2)
+    assert [pid for pid in started if _alive(pid)] == []
+    first = json.loads(results_file.read_text())
+    done = first["completed_rounds"]
+    assert first["status"] == "running" and 1 <= done < num_rounds - 1
 
-    num_rounds = 4  # the kill lands after round 1 or, on a slow machine, a round later: room either way
-    watcher = threading.Thread(target=kill_after_round_one, daemon=True)
-    watcher.start()
-    first = run_flwr_simulation(
-        REPO,
-        output_dir=output_dir,
-        num_supernodes=2,
-        experiment="smoke",
-        overrides=overrides,
-        num_rounds=num_rounds,
-        timeout_s=400,
-        flwr_home=flwr_home,
-    )
-    watcher.join(timeout=5)
-    assert not first.ok and first.results is not None
-    done = first.results["completed_rounds"]
-    assert first.results["status"] == "running" and 1 <= done < num_rounds
-
-    # Site 1's local trainer checkpoint of the last completed round is now corrupt: it raises in the
-    # next round and is left out of that round only.
-    (output_dir / "sites" / "site_1" / f"trainer_round_{done:04d}.pt").write_bytes(b"not a checkpoint")
+    # Site 1's local trainer checkpoints from the last completed round on are now corrupt: the next round that
+    # site_1 computes (not one whose stored reply it sends again) raises, and it is left out of that round only.
+    for checkpoint in (output_dir / "sites" / "site_1").glob("trainer_round_*.pt"):
+        if int(checkpoint.stem.rsplit("_", 1)[1]) >= done:
+            checkpoint.write_bytes(b"not a checkpoint")
     second = run_flwr_simulation(
         REPO,
         output_dir=output_dir,
@@ -127,13 +144,26 @@ def test_kill_after_round_one_then_resume(tmp_path: Path) -> None:
     res = second.results
     assert res is not None and res["completed_rounds"] == num_rounds
     assert [r["round"] for r in res["rounds"]] == list(range(num_rounds + 1))  # completed rounds kept, not redone
+    [failure] = res["failures"]
+    failed_round = failure["round"]
+    assert failure["site_id"] == "site_1" and failed_round in (done + 1, done + 2)
+    assert "failed under DP" in failure["reason"]  # a DP site sends only a public code, never the message
     expected_updates = [2] * num_rounds
-    expected_updates[done] = 1  # round done + 1: site_1 failed
+    expected_updates[failed_round - 1] = 1
     assert [r["num_updates"] for r in res["rounds"][1:]] == expected_updates
-    assert [(f["round"], f["site_id"]) for f in res["failures"]] == [(done + 1, "site_1")]
-    assert "cannot read checkpoint" in res["failures"][0]["reason"]
     checkpoint = torch.load(output_dir / "checkpoints" / "server_last.pt", weights_only=False)
     assert checkpoint["completed_round"] == num_rounds
+
+    run_id = (output_dir / RUN_ID_FILE).read_text().strip()
+    for site_id in ("site_0", "site_1"):
+        with PrivacyLedger(output_dir / "sites" / site_id / PRIVACY_LEDGER) as ledger:
+            events = ledger.events()
+        keys = [(e.round, e.kind) for e in events]
+        assert len(keys) == len(set(keys)), f"{site_id}: an event recorded twice: {sorted(keys)}"
+        assert {e.run_id for e in events} == {run_id}
+        trained = {e.round for e in events if e.kind == "train"}
+        skipped = {failed_round} if site_id == "site_1" else set()
+        assert trained == set(range(1, num_rounds + 1)) - skipped, f"{site_id}: {sorted(keys)}"
 
 
 def test_plain_flwr_run_installs_nothing(tmp_path: Path) -> None:

@@ -26,11 +26,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--studies-per-site", type=int, default=300)
     parser.add_argument("--sites", type=int, default=3)
+    parser.add_argument("--verbose", action="store_true", help="also show Flower's and Ray's DEBUG/INFO lines")
     parser.add_argument("overrides", nargs="*", help="extra hydra overrides for the federation")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     start = time.perf_counter()
     out = args.out.resolve()
@@ -68,18 +70,24 @@ def main(argv: list[str] | None = None) -> int:
     _labeler_summary(manifests[0])
 
     _banner(f"3/4  Federated MLIP pretraining: flwr run, {args.sites} hospitals, {args.rounds} rounds")
-    from mlip_fed.federation.simulation import run_flwr_simulation
+    from mlip_fed.federation.simulation import SimulationInterrupted, resume_hint, run_flwr_simulation
 
-    result = run_flwr_simulation(
-        REPO,
-        output_dir=out / "federation",
-        num_supernodes=args.sites,
-        experiment="synth_cpu",
-        overrides=overrides,
-        num_rounds=args.rounds,
-        num_cpus_per_client=1,
-        stream=sys.stdout,
-    )
+    try:
+        result = run_flwr_simulation(
+            REPO,
+            output_dir=out / "federation",
+            num_supernodes=args.sites,
+            experiment="synth_cpu",
+            overrides=overrides,
+            num_rounds=args.rounds,
+            num_cpus_per_client=1,
+            stream=sys.stdout,
+            verbose=args.verbose,
+        )
+    except SimulationInterrupted as stop:  # Ctrl-C: the federation is stopped, its completed rounds are kept
+        command = [sys.executable, "-m", "mlip_fed.cli.demo"]  # `make demo` passes no overrides: run this instead
+        print(f"\n{resume_hint('mlip-demo', argv, stop.result, command)}", file=sys.stderr)
+        return 130
     if not result.ok:
         print(f"\nmlip-demo: the federated run failed: {result.failure_reason()}", file=sys.stderr)
         print(f"  log: {result.log_path}", file=sys.stderr)

@@ -5,7 +5,9 @@
 Plain ``flwr run .`` works too, but it exits 0 even when every site failed and leaves its local
 SuperLink running on fixed ports; this wrapper gives the run its own ``FLWR_HOME`` and loopback
 ports, stops the SuperLink it started by PID, and exits non-zero unless ``results.json`` says the
-federation completed.
+federation completed. Ctrl-C stops the whole federation within seconds, keeps the completed rounds and
+prints the command that resumes them (``federation.resume=true``; exit 130); if this process is killed
+outright, a watchdog stops what it started.
 """
 
 from __future__ import annotations
@@ -41,10 +43,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds before the run is stopped")
     parser.add_argument("--app-dir", type=Path, default=REPO, help="the Flower app (this checkout)")
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="also show Flower's and Ray's DEBUG/INFO lines on the console (flwr_run.log always has everything)",
+    )
     return parser
 
 
+#: Exit status after Ctrl-C / SIGTERM: 128 + SIGINT, what a shell reports for a process ended by Ctrl-C.
+EXIT_INTERRUPTED = 130
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     experiment = "synth_cpu"
     # One SynthCXR hospital per SuperNode unless the overrides say otherwise (they come later and win).
@@ -62,7 +74,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"mlip-simulate: {err}", file=sys.stderr)
         return 2
-    from mlip_fed.federation.simulation import check_gpu_request, run_flwr_simulation
+    from mlip_fed.federation.simulation import (
+        SimulationInterrupted,
+        check_gpu_request,
+        resume_hint,
+        run_flwr_simulation,
+    )
 
     error, warning = check_gpu_request(cfg.train.device, args.gpus_per_site, visible_gpu_count())
     if error is not None:
@@ -71,18 +88,23 @@ def main(argv: list[str] | None = None) -> int:
     if warning is not None:
         print(f"mlip-simulate: warning: {warning}", file=sys.stderr)
 
-    result = run_flwr_simulation(
-        args.app_dir,
-        output_dir=args.out,
-        num_supernodes=args.sites,
-        experiment=experiment,
-        overrides=overrides,
-        num_rounds=args.rounds,
-        num_cpus_per_client=args.cpus_per_site,
-        num_gpus_per_client=args.gpus_per_site,
-        timeout_s=args.timeout,
-        stream=sys.stdout,
-    )
+    try:
+        result = run_flwr_simulation(
+            args.app_dir,
+            output_dir=args.out,
+            num_supernodes=args.sites,
+            experiment=experiment,
+            overrides=overrides,
+            num_rounds=args.rounds,
+            num_cpus_per_client=args.cpus_per_site,
+            num_gpus_per_client=args.gpus_per_site,
+            timeout_s=args.timeout,
+            stream=sys.stdout,
+            verbose=args.verbose,
+        )
+    except SimulationInterrupted as stop:  # the tree is down; checkpoints and ledgers of completed rounds are on disk
+        print(f"\n{resume_hint('mlip-simulate', argv, stop.result)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     if not result.ok:
         print(f"mlip-simulate: the federated run failed: {result.failure_reason()} (log: {result.log_path})")
         return 1

@@ -22,6 +22,10 @@ from dataclasses import dataclass
 
 from opacus.accountants import PRVAccountant, RDPAccountant
 
+from mlip_fed.privacy.opacus_logging import drop_opacus_root_handler
+
+drop_opacus_root_handler()  # importing opacus added a root log handler: Flower's DEBUG lines on the console
+
 #: Integer RDP orders only. Opacus and Google's dp-accounting agree exactly on integer orders of the subsampled
 #: Gaussian, but not on fractional ones (dp-accounting 0.6 gives larger values, e.g. 1.357 vs 1.203 at order 1.5):
 #: integer orders avoid relying on the looser of two fractional-order computations, at a small cost in tightness.

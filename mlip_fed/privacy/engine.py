@@ -37,6 +37,7 @@ instead (``unit="record"``) bounds a patient with k records only by kC.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -47,7 +48,13 @@ from opacus import GradSampleModule
 from torch import nn
 
 from mlip_fed.privacy.buckets import bucket_ids
+from mlip_fed.privacy.opacus_logging import drop_opacus_root_handler
 from mlip_fed.privacy.randomness import GaussianNoise, public_seed, secret_seed
+
+drop_opacus_root_handler()  # importing opacus added a root log handler: Flower's DEBUG lines on the console
+
+#: torch's message when a module's full backward hook fires and none of its inputs requires a gradient (a regex).
+FULL_BACKWARD_HOOK_WARNING = r"Full backward hook is firing when gradients are computed with respect to module outputs"
 
 Mode = Literal["bucketed", "decomposable"]
 SENSITIVITY_FACTOR: dict[str, float] = {"bucketed": 2.0, "decomposable": 1.0}
@@ -310,7 +317,12 @@ class BucketedClippingGradient:
             output = self.model({**batch, "group_ids": groups})
             total, parts_t = output.total, output.parts
         # total is a mean over the n samples of per-sample terms; n*total is a sum of per-group terms.
-        (total * n).backward()
+        with warnings.catch_warnings():
+            # The first layers (patch conv on the image, token embedding on the ids) see inputs that need no gradient,
+            # so torch warns that their full backward hook gets no grad_input, on every step of every site. Opacus's
+            # hook (capture_backprops_hook) reads only grad_output: nothing is missing, so this one message is muted.
+            warnings.filterwarnings("ignore", message=FULL_BACKWARD_HOOK_WARNING, category=UserWarning)
+            (total * n).backward()
         per_bucket = self._bucket_gradients(row_group.cpu(), n, num_groups)  # fp32 (or wider) per bucket
         sq = torch.zeros(num_groups, dtype=torch.float64)
         for g in per_bucket:
