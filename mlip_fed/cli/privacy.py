@@ -3,14 +3,15 @@
     mlip-privacy audit --ledger <state_dir>/privacy_ledger.sqlite [--format text|json|html] [--out FILE]
     mlip-privacy acknowledge-reset --state-dir <state_dir> --operator NAME --reason TEXT
     mlip-privacy canary-audit --scores scores.csv --k-plus 50 [--k-minus 50] [--delta 1e-5] [--claimed-epsilon 8]
-    mlip-privacy canary-run --out DIR [--canary-kind gradient|input] [--canaries 1000 --steps 30 --sample-rate 1]
+    mlip-privacy canary-run --out DIR [--canary-kind gradient|input|release] [--canaries 1000 --steps 30 --sample-rate 1]
                             [--noise-applied-fraction 0.5 --i-know-this-is-broken]
                             [hydra overrides, e.g. experiment=smoke privacy=bucketed privacy.epsilon_budget=1]
 
 ``scores.csv`` has one row per canary with columns ``score`` (higher = more likely trained on) and
 ``included`` (1/0, the secret coin flip); ``canary-run`` writes one (``DIR/canaries.csv``) after it has
 inserted the canaries, trained with the configured DP and scored them. ``canary-run`` judges gradient canaries
-against the epsilon of one canary unit (sensitivity C, at sigma) and input canaries against the patient claim.
+against the epsilon of one canary unit (sensitivity C, at sigma), input canaries against the patient claim, and
+release canaries (units sent through one prototype-bank release, no training) against the epsilon one release charges.
 ``--noise-applied-fraction F`` (F < 1, with ``--i-know-this-is-broken``) adds only F * sigma while the accountant is
 charged sigma: a deliberately broken run the audit should catch (``--noise-off`` = F 0). Exit status of both canary
 audits: 0 when the lower bound is consistent with the epsilon it is compared against, 1 when it exceeds it, 2 on bad
@@ -24,6 +25,7 @@ import csv
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from mlip_fed.cli.help_format import HelpFormatter, describe, subparser_options
 from mlip_fed.io import atomic_write_text
@@ -31,7 +33,8 @@ from mlip_fed.privacy.ledger import LEDGER_FILENAME
 
 #: Gradient canaries are cheap (one coordinate each) and m = 1000 lets a perfect guesser reach eps ~ 5; every
 #: input canary is a training image, so fewer.
-DEFAULT_CANARIES = {"gradient": 1000, "input": 64}
+#: Release canaries need no training (3 L coordinates of one release each): many.
+DEFAULT_CANARIES = {"gradient": 1000, "input": 64, "release": 100_000}
 
 
 def _audit(args: argparse.Namespace) -> int:
@@ -107,21 +110,37 @@ def _canary_run(args: argparse.Namespace) -> int:
     check_noise_applied(fraction, args.i_know_this_is_broken)  # before anything is composed or generated
     cfg = compose_experiment(args.overrides)
     out = Path(args.out)
-    report = run_canary_audit(
-        cfg,
-        out,
-        m=args.canaries if args.canaries is not None else DEFAULT_CANARIES[args.canary_kind],
-        steps=args.steps,
-        kind=args.canary_kind,
-        sample_rate=args.sample_rate,
-        site=None if args.site < 0 else args.site,
-        k_plus=args.k_plus,
-        k_minus=args.k_minus,
-        significance=args.significance,
-        noise_applied_fraction=fraction,
-        i_know_this_is_broken=args.i_know_this_is_broken,
-        progress=args.progress,
-    )
+    m = args.canaries if args.canaries is not None else DEFAULT_CANARIES[args.canary_kind]
+    report: Any
+    if args.canary_kind == "release":
+        from mlip_fed.privacy.release_canaries import run_release_canary_audit
+
+        report = run_release_canary_audit(
+            cfg,
+            out,
+            m=m,
+            k_plus=args.k_plus,
+            k_minus=args.k_minus,
+            significance=args.significance,
+            noise_applied_fraction=fraction,
+            i_know_this_is_broken=args.i_know_this_is_broken,
+        )
+    else:
+        report = run_canary_audit(
+            cfg,
+            out,
+            m=m,
+            steps=args.steps,
+            kind=args.canary_kind,
+            sample_rate=args.sample_rate,
+            site=None if args.site < 0 else args.site,
+            k_plus=args.k_plus,
+            k_minus=args.k_minus,
+            significance=args.significance,
+            noise_applied_fraction=fraction,
+            i_know_this_is_broken=args.i_know_this_is_broken,
+            progress=args.progress,
+        )
     atomic_write_json(out / "report.json", {**report.to_dict(), "overrides": args.overrides})
     atomic_write_text(out / "report.txt", report.text())
     sys.stdout.write(json.dumps(report.to_dict(), indent=2) + "\n" if args.format == "json" else report.text())
@@ -172,20 +191,29 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", required=True, help="directory for canaries.csv, report.json/txt and canary images")
     run.add_argument(
         "--canary-kind",
-        choices=("gradient", "input"),
+        choices=("gradient", "input", "release"),
         default="gradient",
         help="gradient: white-box Dirac gradient canaries added before the engine's noise (audits mechanism + "
-        "accountant); input: canary patients (random image + words) scored black-box",
+        "accountant); input: canary patients (random image + words) scored black-box; release: canary units sent "
+        "through one prototype-bank release (privacy.prototype_*; no training, --steps/--sample-rate/--site unused)",
     )
     run.add_argument(
-        "--canaries", type=int, help="m: canaries, each included w.p. 1/2 (default 1000 gradient, 64 input)"
+        "--canaries",
+        type=int,
+        help="m: canaries, each included w.p. 1/2 (default 1000 gradient, 64 input, 100000 release)",
     )
     run.add_argument("--steps", type=int, default=30, help="DP-SGD steps (noise steps, as charged)")
     run.add_argument("--sample-rate", type=float, default=1.0, help="Poisson sampling rate q of privacy units")
     run.add_argument("--site", type=int, default=0, help="SynthCXR site whose records join the canaries (-1: all)")
-    run.add_argument("--k-plus", type=int, help="guess 'in' for this many top scores (default m/4 gradient, m/8 input)")
     run.add_argument(
-        "--k-minus", type=int, help="guess 'out' for this many bottom scores (default m/4 gradient, m/8 input)"
+        "--k-plus",
+        type=int,
+        help="guess 'in' for this many top scores (default m/4 gradient, m/8 input, m/100 release)",
+    )
+    run.add_argument(
+        "--k-minus",
+        type=int,
+        help="guess 'out' for this many bottom scores (default m/4 gradient, m/8 input, m/100 release)",
     )
     run.add_argument("--significance", type=float, default=0.05, help="1 - confidence of the lower bound")
     run.add_argument("--format", choices=("text", "json"), default="text", help="what is printed to stdout")

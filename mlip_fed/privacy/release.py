@@ -71,12 +71,18 @@ def release_prototypes(
     threshold: float,
     noise: GaussianNoise | None = None,
     generator: torch.Generator | None = None,
+    noise_applied_fraction: float = 1.0,
 ) -> PrototypeRelease:
     """Noise all three statistics, then suppress categories whose noisy count is below ``threshold``.
 
-    ``noise`` is the site's secret ``GaussianNoise``; ``generator`` (tests only) draws plain reproducible noise."""
+    ``noise`` is the site's secret ``GaussianNoise``; ``generator`` (tests only) draws plain reproducible noise.
+    ``noise_applied_fraction`` (audit harness only, ``mlip_fed.privacy.release_canaries``; the site never passes it):
+    < 1 draws the noise at ``noise_multiplier * fraction`` while the release still reports (and is accounted at)
+    ``noise_multiplier``: a deliberately broken release that the canary audit must catch."""
     if (noise is None) == (generator is None):
         raise ValueError("release_prototypes: give exactly one of noise (a GaussianNoise) or generator (tests)")
+    if not 0.0 <= noise_applied_fraction <= 1.0:
+        raise ValueError(f"release: noise_applied_fraction must be in [0, 1], got {noise_applied_fraction}")
     k = count.shape[0]
     if sum_image.shape[0] != k or sum_text.shape != sum_image.shape:
         raise ValueError(
@@ -84,10 +90,12 @@ def release_prototypes(
         )
     z = release_effective_noise(noise_multiplier, contribution_bound)
 
+    std = noise_multiplier * noise_applied_fraction  # noise_multiplier except in a deliberately broken audit
+
     def noisy(x: torch.Tensor) -> torch.Tensor:
         if noise is not None:
-            return x.float() + noise.sample(x.shape, noise_multiplier)
-        return x.float() + torch.normal(0.0, noise_multiplier, size=x.shape, generator=generator)
+            return x.float() + noise.sample(x.shape, std)
+        return x.float() + torch.normal(0.0, std, size=x.shape, generator=generator)
 
     n_img, n_txt, n_cnt = noisy(sum_image), noisy(sum_text), noisy(count)
     kept = n_cnt >= threshold
