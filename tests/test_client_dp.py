@@ -182,3 +182,22 @@ def test_coordinator_applies_client_dp_and_resume_does_not_double_count(tmp_path
 
     with pytest.raises(ValueError, match="used client DP"):
         _coordinator(tmp_path, resume=True, client_dp=False)
+
+
+def test_equal_rounds_are_one_prv_entry_with_the_same_epsilon() -> None:
+    """A long client-DP run costs one PRV composition per distinct (z, q), not one per round; same epsilon."""
+    import warnings
+
+    from opacus.accountants import PRVAccountant
+
+    from mlip_fed.privacy.accountant import AccountedStep, clear_cache, compute_epsilon, history
+
+    steps = [AccountedStep(1.0, 0.25, 1)] * 5 + [AccountedStep(2.0, 0.5, 1)] * 2
+    assert history(steps) == [(1.0, 0.25, 5), (2.0, 0.5, 2)]
+    clear_cache()
+    merged = compute_epsilon(steps, 1e-5, with_prv=True)
+    unmerged = PRVAccountant()
+    unmerged.history = [(s.noise_multiplier, s.sample_rate, s.steps) for s in steps]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        assert merged.prv == pytest.approx(unmerged.get_epsilon(delta=1e-5), rel=1e-6)

@@ -73,7 +73,18 @@ class EpsilonReport:
 
 
 def history(steps: Iterable[AccountedStep]) -> list[tuple[float, float, int]]:
-    return [(s.noise_multiplier, s.sample_rate, s.steps) for s in steps if s.steps > 0]
+    """Opacus' (noise multiplier, sample rate, steps) history, equal mechanisms merged into one entry.
+
+    Composition does not depend on order, so merging every step with the same (sigma, q) is exact; it keeps the
+    history as short as the number of distinct mechanisms (usually one per policy), so PRV over a long run (one
+    entry per round before) costs the same as over a short one.
+    """
+    merged: dict[tuple[float, float], int] = {}
+    for s in steps:
+        if s.steps > 0:
+            key = (float(s.noise_multiplier), float(s.sample_rate))
+            merged[key] = merged.get(key, 0) + int(s.steps)
+    return [(sigma, q, n) for (sigma, q), n in merged.items()]
 
 
 def rdp_accountant(steps: Iterable[AccountedStep]) -> RDPAccountant:
