@@ -138,6 +138,37 @@ def pair_margins(model: Any, records: Sequence[StudyRecord], cfg: ExperimentConf
 
 
 # ---------------------------------------------------------------------------- the audit
+def report_dict(report: Any) -> dict[str, Any]:
+    """A canary report (a dataclass with ``broken``/``verdict_*``/``passed``) as report.json holds it."""
+    return {
+        **asdict(report),
+        "deliberately_broken": report.broken,
+        "verdict_against": report.verdict_against,
+        "verdict_epsilon": report.verdict_epsilon,
+        "passed": report.passed,
+    }
+
+
+def broken_line(report: Any, claimed_name: str, none_added: str, adder: str) -> str | None:
+    """The first line of a deliberately broken canary report (noise off or under-noised), None for a correct one."""
+    if not report.broken:
+        return None
+    claimed, applied, fraction = (
+        report.noise_multiplier_claimed,
+        report.noise_multiplier_applied,
+        report.noise_applied_fraction,
+    )
+    if fraction == 0:
+        return (
+            f"!! NOISE OFF: deliberately broken configuration (the accountant claims {claimed_name}={claimed:.4g}, "
+            f"{none_added})"
+        )
+    return (
+        f"!! UNDER-NOISED {1 / fraction:.3g}x: deliberately broken configuration "
+        f"(the accountant claims {claimed_name}={claimed:.4g}, {adder} {fraction:g} of it: sigma={applied:.4g})"
+    )
+
+
 @dataclass(frozen=True)
 class CanaryRunReport:
     mechanism: str
@@ -186,29 +217,11 @@ class CanaryRunReport:
         return self.noise_applied_fraction < 1.0
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            **asdict(self),
-            "deliberately_broken": self.broken,
-            "verdict_against": self.verdict_against,
-            "verdict_epsilon": self.verdict_epsilon,
-            "passed": self.passed,
-        }
+        return report_dict(self)
 
     def broken_line(self) -> str | None:
         """The report's first line for a deliberately broken configuration, None for a correct one."""
-        if not self.broken:
-            return None
-        claimed, applied = self.noise_multiplier_claimed, self.noise_multiplier_applied
-        if self.noise_applied_fraction == 0:
-            return (
-                f"!! NOISE OFF: deliberately broken configuration (the accountant claims sigma={claimed:.4g}, "
-                "none is added)"
-            )
-        return (
-            f"!! UNDER-NOISED {1 / self.noise_applied_fraction:.3g}x: deliberately broken configuration "
-            f"(the accountant claims sigma={claimed:.4g}, the engine adds {self.noise_applied_fraction:g} of it: "
-            f"sigma={applied:.4g})"
-        )
+        return broken_line(self, "sigma", "none is added", "the engine adds")
 
     def text(self) -> str:
         verdict = "PASS" if self.passed else "FAIL"

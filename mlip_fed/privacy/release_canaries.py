@@ -36,7 +36,7 @@ import csv
 import io
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +46,7 @@ import torch
 from mlip_fed.config import ExperimentConfig
 from mlip_fed.privacy.accountant import AccountedStep, compute_epsilon
 from mlip_fed.privacy.canary import audit_scores
-from mlip_fed.privacy.canary_run import canary_inclusion, check_noise_applied
+from mlip_fed.privacy.canary_run import broken_line, canary_inclusion, check_noise_applied, report_dict
 from mlip_fed.privacy.randomness import GaussianNoise
 from mlip_fed.privacy.randomness import public_seed as _seed
 from mlip_fed.privacy.release import PrototypeRelease, release_effective_noise, release_prototypes
@@ -140,28 +140,10 @@ class ReleaseCanaryReport:
         return self.noise_applied_fraction < 1.0
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            **asdict(self),
-            "deliberately_broken": self.broken,
-            "verdict_against": self.verdict_against,
-            "verdict_epsilon": self.verdict_epsilon,
-            "passed": self.passed,
-        }
+        return report_dict(self)
 
     def broken_line(self) -> str | None:
-        if not self.broken:
-            return None
-        claimed, applied = self.noise_multiplier_claimed, self.noise_multiplier_applied
-        if self.noise_applied_fraction == 0:
-            return (
-                f"!! NOISE OFF: deliberately broken configuration (the accountant claims prototype sigma={claimed:.4g}, "
-                "the release adds none)"
-            )
-        return (
-            f"!! UNDER-NOISED {1 / self.noise_applied_fraction:.3g}x: deliberately broken configuration "
-            f"(the accountant claims prototype sigma={claimed:.4g}, the release adds {self.noise_applied_fraction:g} "
-            f"of it: sigma={applied:.4g})"
-        )
+        return broken_line(self, "prototype sigma", "the release adds none", "the release adds")
 
     def text(self) -> str:
         verdict = "PASS" if self.passed else "FAIL"
