@@ -362,12 +362,23 @@ class MLIPModel(nn.Module):
             if key not in batch:
                 raise KeyError(f"text_swap needs batch[{key!r}] (use MLIPCollator)")
         valid = batch["swap_valid"].to(patches.device).bool()
-        # All B rows go through the towers (rows without a counterfactual are masked out of the loss), so every
-        # module sees the same batch dimension on each call.
-        swap = self.text_encoder(batch["swap_input_ids"], batch["swap_attention_mask"])
-        logits = self.fusion(swap.tokens, batch["swap_attention_mask"], patches)
-        per_row = F.cross_entropy(logits, torch.zeros_like(valid, dtype=torch.long), reduction="none")
-        total = (per_row * valid.to(per_row.dtype)).sum()
-        if per_sample:  # group mode: divide by B, not by the batch's count of counterfactuals (that couples groups)
-            return total / per_row.shape[0]
-        return total / valid.sum().clamp(min=1)
+        ids, mask = batch["swap_input_ids"], batch["swap_attention_mask"]
+        if per_sample:
+            # Group mode (DP): all B rows go through the towers (rows without a counterfactual are masked out of
+            # the loss), so every hooked module sees rows that map to samples as the engine expects, and the loss
+            # is divided by B, not by the batch's count of counterfactuals (that would couple groups).
+            swap = self.text_encoder(ids, mask)
+            logits = self.fusion(swap.tokens, mask, patches)
+            per_row = F.cross_entropy(logits, torch.zeros_like(valid, dtype=torch.long), reduction="none")
+            return (per_row * valid.to(per_row.dtype)).sum() / per_row.shape[0]
+        # Otherwise only the rows that have a counterfactual are encoded (about half of SynthCXR's), cut to their
+        # longest: the same mean over valid rows, without the text tower's work on rows the loss drops.
+        rows = valid.nonzero().squeeze(1).to(ids.device)
+        if rows.numel() == 0:
+            return patches.sum() * 0.0
+        mask = mask[rows]
+        length = int(mask.sum(dim=1).max().item()) if self.tokenizer.padding_side == "right" else mask.shape[1]
+        ids, mask = ids[rows, :length], mask[:, :length]
+        swap = self.text_encoder(ids, mask)
+        logits = self.fusion(swap.tokens, mask, patches[rows.to(patches.device)])
+        return F.cross_entropy(logits, torch.zeros(rows.numel(), dtype=torch.long, device=logits.device))

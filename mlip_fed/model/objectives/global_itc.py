@@ -110,10 +110,14 @@ def _grouped_itc_loss(
 def ema_update_(target: nn.Module, online: nn.Module, momentum: float) -> None:
     """theta_d <- m theta_d + (1-m) theta; buffers are copied. Call after ``optimizer.step()``."""
     target_params = dict(target.named_parameters())
+    pairs = []
     for name, param in online.named_parameters():
         if name not in target_params:
             raise KeyError(f"EMA update: parameter {name!r} missing from the divergence copy")
-        target_params[name].mul_(momentum).add_(param.detach(), alpha=1.0 - momentum)
+        pairs.append((target_params[name], param.detach()))
+    if pairs:
+        # One fused multi-tensor op instead of two small ops per parameter (the step is host-bound on small towers).
+        torch._foreach_lerp_([t for t, _ in pairs], [p for _, p in pairs], 1.0 - momentum)
     target_buffers = dict(target.named_buffers())
     for name, buf in online.named_buffers():
         target_buffers[name].copy_(buf)

@@ -12,7 +12,12 @@ from torch import nn
 
 
 class CrossAttentionLayer(nn.Module):
-    """Pre-norm: text tokens self-attend, cross-attend to patch tokens, then an MLP."""
+    """Pre-norm: text tokens self-attend, cross-attend to patch tokens, then an MLP.
+
+    Split in two so a caller can share work across pairs: ``self_attend`` reads the text only and
+    ``image_keys`` the image only, so with 3N (text, image) pairs over N texts and N images each is
+    computed once per text / image and gathered, not once per pair.
+    """
 
     def __init__(self, dim: int, heads: int) -> None:
         super().__init__()
@@ -34,25 +39,44 @@ class CrossAttentionLayer(nn.Module):
     ) -> torch.Tensor:
         b, lq, d = q.shape
         h = self.heads
-        q, k, v = (t.reshape(b, -1, h, d // h).transpose(1, 2) for t in (q, k, v))
+        q, k, v = (t.reshape(b, t.shape[1], h, d // h).transpose(1, 2) for t in (q, k, v))
         logits = q @ k.transpose(-1, -2) / (d // h) ** 0.5
         if key_mask is not None:
             logits = logits.masked_fill(~key_mask[:, None, None, :], -1e4)
         out = torch.softmax(logits, dim=-1) @ v
         return out.transpose(1, 2).reshape(b, lq, d)
 
-    def forward(self, text: torch.Tensor, text_mask: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+    def self_attend(self, text: torch.Tensor, text_mask: torch.Tensor, first_only: bool = False) -> torch.Tensor:
+        """The residual self-attention block. ``first_only`` returns the [CLS] row alone ([N, 1, D]): past this
+        point no row reads another, so when only [CLS] is classified (the last layer) the other rows are dead work."""
         q, k, v = self.self_qkv(self.norm_self(text)).chunk(3, dim=-1)
-        x = text + self.self_out(self._attention(q, k, v, text_mask))
+        if first_only:
+            q, text = q[:, :1], text[:, :1]
+        return text + self.self_out(self._attention(q, k, v, text_mask))
+
+    def image_keys(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-attention keys and values of projected patch tokens."""
         k, v = self.cross_kv(image).chunk(2, dim=-1)
-        x = x + self.cross_out(self._attention(self.cross_q(self.norm_cross(x)), k, v, None))
+        return k, v
+
+    def attend_image(self, x: torch.Tensor, keys: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Cross-attention to the image keys/values, then the MLP (both residual)."""
+        x = x + self.cross_out(self._attention(self.cross_q(self.norm_cross(x)), *keys, None))
         return x + self.mlp(self.norm_mlp(x))
+
+    def forward(
+        self, text: torch.Tensor, text_mask: torch.Tensor, image: torch.Tensor, first_only: bool = False
+    ) -> torch.Tensor:
+        return self.attend_image(self.self_attend(text, text_mask, first_only), self.image_keys(image))
 
 
 class FusionHead(nn.Module):
     """Text tokens (pre-projection) attend to patch tokens (pre-projection, mapped to the text width).
 
-    The fused [CLS] goes to Linear(2): matched / not matched.
+    The fused [CLS] goes to Linear(2): matched / not matched. Pairs are given by index: pair k is text
+    ``text_index[k]`` with image ``image_index[k]`` (default: row k with row k). The first layer's text-only
+    and image-only work runs once per distinct text and image, and only [CLS] goes through the last layer's
+    cross-attention and MLP; the logits are those of running every pair through every layer in full.
     """
 
     def __init__(self, text_dim: int, image_dim: int, layers: int = 1, heads: int = 4) -> None:
@@ -62,11 +86,27 @@ class FusionHead(nn.Module):
         self.norm = nn.LayerNorm(text_dim)
         self.classifier = nn.Linear(text_dim, 2)
 
-    def forward(self, text_tokens: torch.Tensor, text_mask: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        text_tokens: torch.Tensor,
+        text_mask: torch.Tensor,
+        patches: torch.Tensor,
+        text_index: torch.Tensor | None = None,
+        image_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        mask = text_mask.bool()
         image = self.image_proj(patches)
-        x = text_tokens
-        for layer in self.layers:
-            x = layer(x, text_mask.bool(), image)
+        last = len(self.layers) - 1
+        first = self.layers[0]
+        x = first.self_attend(text_tokens, mask, first_only=last == 0)
+        keys = first.image_keys(image)
+        if text_index is not None:
+            x, mask = x[text_index], mask[text_index]
+        if image_index is not None:
+            image, keys = image[image_index], (keys[0][image_index], keys[1][image_index])
+        x = first.attend_image(x, keys)
+        for i, layer in enumerate(self.layers[1:], start=1):
+            x = layer(x, mask, image, first_only=i == last)
         return self.classifier(self.norm(x[:, 0]))
 
 
@@ -135,21 +175,19 @@ def itm_loss(
     With ``has_negative`` [N] (group mode) the loss is the mean over samples of each sample's mean CE over its
     available rows: samples without a negative contribute their positive row only.
     """
-    tokens = [text_tokens]
-    masks = [text_mask]
-    images = [patches]
-    labels = [torch.ones(text_tokens.shape[0], dtype=torch.long, device=text_tokens.device)]
+    n = text_tokens.shape[0]
+    rows = torch.arange(n, device=text_tokens.device)
+    text_index, image_index = [rows], [rows]
+    labels = [torch.ones(n, dtype=torch.long, device=text_tokens.device)]
     if neg_text is not None and neg_image is not None:
-        tokens += [text_tokens[neg_text], text_tokens]
-        masks += [text_mask[neg_text], text_mask]
-        images += [patches, patches[neg_image]]
+        text_index += [neg_text, rows]
+        image_index += [rows, neg_image]
         labels += [torch.zeros_like(labels[0]), torch.zeros_like(labels[0])]
-    logits = head(torch.cat(tokens), torch.cat(masks), torch.cat(images))
+    logits = head(text_tokens, text_mask, patches, torch.cat(text_index), torch.cat(image_index))
     if has_negative is None:
         return F.cross_entropy(logits, torch.cat(labels))
     if neg_text is None:
         raise ValueError("itm_loss: has_negative given without negatives")
-    n = text_tokens.shape[0]
     per_row = F.cross_entropy(logits, torch.cat(labels), reduction="none").view(3, n)
     valid = has_negative.to(per_row.dtype)
     per_sample = (per_row[0] + valid * (per_row[1] + per_row[2])) / (1 + 2 * valid)
