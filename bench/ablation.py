@@ -1,23 +1,40 @@
-"""Ablation: CLIP-only → + divergence → + local → + category prototypes → full MLIP (+ ITM and swapping).
+"""Ablation: CLIP-only → + divergence → + local → + category prototypes → full MLIP, beside the references.
 
-Same data, same compute (epochs, batch, steps) for every variant, several seeds; a frozen-encoder
-linear probe at 1 / 10 / 100 % labels, zero-shot and retrieval on the SynthCXR test split, and the
-seeded random-init encoder under the same protocol. Writes the table and a plot into docs/results.md.
+Same data, same number of optimiser steps for every trained row, several pretraining seeds; the probe
+protocol of ``mlip_fed.eval.protocol`` on a held-out evaluation pool (``bench/quality.py``): linear probe at
+1 / 10 / 100 % of probe-train labels (mean over probe draws, then mean ± std over seeds, bootstrap CI),
+gap closed against the supervised ceiling, zero-shot, retrieval and segmentation Dice on probe-test.
+Rows: raw-pixel LR, random init, supervised ceiling, the five pretraining variants.
 
-    python bench/ablation.py --seeds 0 1 2 --studies-per-site 400 --epochs 4
+Each (row, seed) writes ``<work-dir>/runs/<row>_seed<seed>.json``; a rerun skips finished runs, so the
+bench can be split across sessions or processes (``--no-report``) and collected with ``--report-only``.
+
+    python bench/ablation.py --seeds 0 1 2 --studies-per-site 2000 --steps 2000
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
+import math
+import shlex
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from bench.quality import (  # noqa: E402
+    Pool,
+    evaluate_encoder,
+    load_pool,
+    probe_mean,
+    raw_pixel_probe,
+    run_once,
+    seed_stats,
+)
+from mlip_fed.eval.protocol import ProbeProtocol, detectable_difference, gap_closed  # noqa: E402
 
 VARIANTS: tuple[tuple[str, str], ...] = (
     ("clip_only", "CLIP-only (plain ITC)"),
@@ -26,158 +43,200 @@ VARIANTS: tuple[tuple[str, str], ...] = (
     ("category", "+ knowledge-guided category prototypes"),
     ("full", "+ ITM and text swapping = full MLIP"),
 )
-HEADLINE = (
-    ("linear_probe/macro_auroc@0.01", "LP AUROC 1%"),
-    ("linear_probe/macro_auroc@0.1", "LP AUROC 10%"),
-    ("linear_probe/macro_auroc@1", "LP AUROC 100%"),
-    ("zero_shot/macro_auroc", "zero-shot AUROC"),
-    ("retrieval/i2t_R@5", "i2t R@5"),
+REFERENCES: tuple[tuple[str, str], ...] = (
+    ("raw_pixel", "raw-pixel LR (reference)"),
+    ("random_init", "random-init encoder (reference)"),
+    ("supervised", "supervised ceiling (reference: labels, BCE)"),
 )
+FRACTIONS = (0.01, 0.1, 1.0)
+BLOCK = "ablation"
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--studies-per-site", type=int, default=400)
-    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--studies-per-site", type=int, default=2000)
+    parser.add_argument("--test-fraction", type=float, default=0.5, help="patients held out as the evaluation pool")
+    parser.add_argument("--difficulty", default="cpu", help="SynthCXR tier")
+    parser.add_argument("--arch", default="resnet_tiny", help="image tower (model config group)")
+    parser.add_argument("--steps", type=int, default=2000, help="optimiser steps of every trained row")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=3e-4, help="learning rate of the pretraining variants")
+    parser.add_argument("--supervised-lr", type=float, default=1e-3, help="learning rate of the supervised ceiling")
+    parser.add_argument("--draws", type=int, default=3, help="probe draws per label fraction")
+    parser.add_argument("--bootstrap", type=int, default=1000)
+    parser.add_argument("--no-segmentation", action="store_true")
     parser.add_argument("--variants", nargs="+", default=[v for v, _ in VARIANTS])
-    parser.add_argument("--work-dir", type=Path, default=REPO / "runs" / "ablation")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--work-dir", type=Path, default=REPO / "runs" / "ablation_cpu")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "results.md")
-    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-report", action="store_true", help="only train/evaluate (several processes in parallel)")
     parser.add_argument("--report-only", action="store_true", help="only collect finished runs into the report")
     return parser.parse_args(argv)
 
 
-def overrides(args: argparse.Namespace, variant: str, seed: int) -> list[str]:
+def overrides(args: argparse.Namespace, objectives: str, seed: int) -> list[str]:
     return [
         "experiment=synth_cpu",
-        f"objectives={variant}",
+        f"model={args.arch}",
+        f"objectives={objectives}",
         f"seed={seed}",
-        f"output_dir={args.work_dir / f'{variant}_seed{seed}'}",
+        f"output_dir={args.work_dir / 'out'}",
         f"data.root={args.work_dir / 'data'}",
         f"data.synthetic.studies_per_site={args.studies_per_site}",
-        f"train.epochs={args.epochs}",
+        f"data.synthetic.test_fraction={args.test_fraction}",
+        f"data.synthetic.difficulty={args.difficulty}",
         f"train.batch_size={args.batch_size}",
+        f"train.lr={args.supervised_lr if objectives == 'supervised' else args.lr}",
+        f"train.max_steps={args.steps}",
+        "train.epochs=100000",
         f"train.num_threads={args.threads}",
         "train.progress_bar=false",
-        "train.resume=false",
-        "eval.segmentation.enabled=false",
+        "train.log_every=1000000",
     ]
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def protocol(args: argparse.Namespace) -> ProbeProtocol:
+    return ProbeProtocol(fractions=FRACTIONS, draws=args.draws, bootstrap=args.bootstrap)
+
+
+def run_row(args: argparse.Namespace, row: str, seed: int, pool: Pool) -> dict[str, Any]:
     from mlip_fed import pipeline
     from mlip_fed.cli.hydra_config import compose_experiment
-    from mlip_fed.cli.pretrain import run_pretraining
 
-    rows: dict[str, list[dict[str, float]]] = {}
-    seconds: dict[str, list[float]] = {}
-    for seed in args.seeds:
-        random_file = args.work_dir / f"random_init_seed{seed}.json"
-        if not random_file.is_file() and not args.report_only:
-            cfg = compose_experiment(overrides(args, "clip_only", seed))
+    def make() -> dict[str, Any]:
+        if row == "raw_pixel":
+            return raw_pixel_probe(pool, protocol(args))
+        cfg = compose_experiment(overrides(args, "clip_only" if row == "random_init" else row, seed))
+        segmentation = not args.no_segmentation
+        if row == "random_init":
             pipeline.configure_threads(cfg)
-            data = pipeline.load_records(cfg.data)
-            result = pipeline.evaluate_model(pipeline.build_model(cfg), data, cfg)
-            random_file.parent.mkdir(parents=True, exist_ok=True)
-            random_file.write_text(json.dumps(result.flat_metrics()))
-        if random_file.is_file():
-            rows.setdefault("random_init", []).append(json.loads(random_file.read_text()))
-        for variant in args.variants:
-            cfg = compose_experiment(overrides(args, variant, seed))
-            summary_file = Path(cfg.output_dir) / "pretrain_summary.json"
-            if not summary_file.is_file() and not args.report_only:
-                run_pretraining(cfg, evaluate=True)
-            if not summary_file.is_file():
-                continue
-            summary = json.loads(summary_file.read_text())
-            seconds.setdefault(variant, []).append(summary["train_seconds"])
-            rows.setdefault(variant, []).append(summary["eval"])
-            print(f"[ablation] seed {seed} {variant}: {json.dumps(summary['eval'])}", flush=True)
+            model, info = pipeline.build_model(cfg), {"train_seconds": 0.0, "steps": 0}
+        else:
+            model, info = pipeline.train_for_steps(cfg, pool.pretrain)
+        return {**evaluate_encoder(model, cfg, pool, protocol(args), segmentation), **info}
+
+    path = args.work_dir / "runs" / f"{row}_seed{seed}.json"
+    if args.report_only and not path.is_file():
+        return {}
+    result = run_once(path, make)
+    print(f"[ablation] {row} seed {seed}: probe@1% {probe_mean(result, 0.01):.3f} @100% {probe_mean(result, 1.0):.3f}")
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    from mlip_fed.cli.hydra_config import compose_experiment
+
+    pool = load_pool(compose_experiment(overrides(args, "full", args.seeds[0])))
+    rows = [r for r, _ in REFERENCES] + list(args.variants)
+    results: dict[str, list[dict[str, Any]]] = {}
+    for seed in args.seeds:
+        for row in rows:
+            if row == "raw_pixel" and seed != args.seeds[0]:
+                continue  # no pretraining seed: one run, its spread is over probe draws
+            result = run_row(args, row, seed, pool)
+            if result:
+                results.setdefault(row, []).append(result)
     if args.no_report:
         return 0
-    (args.work_dir / "ablation.json").write_text(json.dumps({"rows": rows, "seconds": seconds}, indent=2))
-    plot = args.out.parent / "figures" / "ablation.png"
-    write_plot(rows, plot)
-    write_markdown(args, rows, seconds, plot)
-    print(f"wrote {args.out} and {plot}")
+    table = render(args, results, pool)
+    print(table)
+    from mlip_fed.federation.report import replace_docs_block
+
+    replace_docs_block(args.out, BLOCK, table)
+    print(f"wrote {args.out}")
     return 0
 
 
-def mean_std(values: list[float]) -> tuple[float, float]:
-    clean = [v for v in values if v == v]
-    if not clean:
-        return float("nan"), float("nan")
-    return statistics.fmean(clean), statistics.stdev(clean) if len(clean) > 1 else 0.0
+def _cell(mean: float, std: float) -> str:
+    if not math.isfinite(mean):
+        return "—"
+    return f"{mean:.3f}" + (f" ± {std:.3f}" if math.isfinite(std) else "")
 
 
-def write_markdown(
-    args: argparse.Namespace, rows: dict[str, list[dict[str, float]]], seconds: dict[str, list[float]], plot: Path
-) -> None:
-    names = dict(VARIANTS) | {"random_init": "random-init encoder (no pretraining)"}
-    header = "| variant | " + " | ".join(label for _, label in HEADLINE) + " | train s/run |"
-    lines = [header, "|---|" + "---:|" * (len(HEADLINE) + 1)]
-    for variant in [v for v in ["random_init", *args.variants] if v in rows]:
-        cells = []
-        for key, _ in HEADLINE:
-            mean, std = mean_std([r.get(key, float("nan")) for r in rows[variant]])
-            cells.append(f"{mean:.3f} ± {std:.3f}")
-        secs = seconds.get(variant)
-        cells.append(f"{statistics.fmean(secs):.0f}" if secs else "—")
-        lines.append(f"| {names[variant]} | " + " | ".join(cells) + " |")
-    command = (
-        f"python bench/ablation.py --seeds {' '.join(map(str, args.seeds))} "
-        f"--studies-per-site {args.studies_per_site} --epochs {args.epochs} --batch-size {args.batch_size}"
-    )
-    block = "\n".join(
+def render(args: argparse.Namespace, results: dict[str, list[dict[str, Any]]], pool: Pool) -> str:
+    names = dict(REFERENCES) | dict(VARIANTS)
+    command = "python bench/ablation.py " + shlex.join(
         [
-            "<!-- bench:ablation:begin -->",
-            f"Command: `{command}` (mean ± std over seeds {args.seeds}; `train s/run` is the training time only; SynthCXR 3 sites × "
-            f"{args.studies_per_site} studies at 64², pooled; CPU default model; same data and steps for every row).",
+            "--seeds",
+            *map(str, args.seeds),
+            "--studies-per-site",
+            str(args.studies_per_site),
+            "--steps",
+            str(args.steps),
+            "--arch",
+            args.arch,
+            "--difficulty",
+            args.difficulty,
+        ]
+    )
+    probe = {row: {f: seed_stats([probe_mean(r, f) for r in runs]) for f in FRACTIONS} for row, runs in results.items()}
+    reference = {row: {f: probe[row][f][0] for f in FRACTIONS} for row in ("random_init", "supervised") if row in probe}
+    header = (
+        "| row | seeds | LP 1 % | LP 10 % | LP 100 % | gap closed 1 % | gap closed 100 % | zero-shot AUROC | "
+        "i2t R@5 | seg Dice (positives) | train s |"
+    )
+    lines = [header, "|---|---:|" + "---:|" * 9]
+    for row in [r for r, _ in REFERENCES] + list(args.variants):
+        if row not in results:
+            continue
+        runs = results[row]
+        gaps = []
+        for f in (0.01, 1.0):
+            if len(reference) == 2 and row not in ("random_init", "raw_pixel", "supervised"):
+                gaps.append(
+                    f"{gap_closed(probe[row][f][0], reference['random_init'][f], reference['supervised'][f]):.2f}"
+                )
+            else:
+                gaps.append("—")
+        metric = {
+            key: seed_stats([r.get("metrics", {}).get(key, math.nan) for r in runs])
+            for key in ("zero_shot/macro_auroc", "retrieval/i2t_R@5", "segmentation/mean_dice_positive")
+        }
+        train_s = seed_stats([float(r.get("train_seconds", math.nan)) for r in runs])
+        lines.append(
+            f"| {names[row]} | {probe[row][0.01][2]} | "
+            + " | ".join(_cell(probe[row][f][0], probe[row][f][1]) for f in FRACTIONS)
+            + f" | {gaps[0]} | {gaps[1]} | "
+            + " | ".join(_cell(*metric[k][:2]) for k in metric)
+            + (f" | {train_s[0]:.0f} |" if math.isfinite(train_s[0]) else " | — |")
+        )
+    trained = [r for r in args.variants if r in probe]
+    detect = []
+    for f in FRACTIONS:
+        stds = [probe[r][f][1] for r in trained if math.isfinite(probe[r][f][1])]
+        n = min((probe[r][f][2] for r in trained), default=0)
+        if stds and n >= 2:
+            s = sorted(stds)[len(stds) // 2]
+            detect.append(f"{100 * f:g} %: {detectable_difference(s, s, n, n):.3f}")
+    cis = [
+        s["ci"][1] - s["ci"][0]
+        for runs in results.values()
+        for r in runs
+        for s in r.get("probe", [])
+        if all(math.isfinite(c) for c in s["ci"])
+    ]
+    return "\n".join(
+        [
+            f"Command: `{command}` — SynthCXR `{args.difficulty}` tier, 3 sites × {args.studies_per_site} studies at 64²; "
+            f"pretraining on {len(pool.pretrain)} studies; evaluation pool of held-out patients: "
+            f"{len(pool.probe_train)} probe-train / {len(pool.probe_test)} probe-test studies; "
+            f"{args.steps} optimiser steps at batch {args.batch_size} for every trained row (lr {args.lr:g}, supervised "
+            f"{args.supervised_lr:g}); LP = linear-probe macro AUROC, mean over {args.draws} label draws per seed, then "
+            "mean ± std over pretraining seeds; gap closed = (row − random) / (supervised − random).",
             "",
             *lines,
             "",
-            f"![ablation]({plot.relative_to(args.out.parent)})",
-            "<!-- bench:ablation:end -->",
+            "Smallest difference between two rows this run can detect (2 × the standard error of the difference of "
+            f"two seed means, median seed std of the pretraining rows): {'; '.join(detect) or 'needs ≥ 2 seeds'}. "
+            + (
+                f"Bootstrap 95 % CI width of a single probe AUROC (probe-test resampling): median {sorted(cis)[len(cis) // 2]:.3f}."
+                if cis
+                else ""
+            ),
         ]
     )
-    _replace_block(args.out, "ablation", block, title="# Results on SynthCXR\n")
-
-
-def _replace_block(path: Path, name: str, block: str, title: str, heading: str = "## Ablation") -> None:
-    """Replace this benchmark's marked block in a doc (other benchmarks' blocks stay as they are)."""
-    begin, end = f"<!-- bench:{name}:begin -->", f"<!-- bench:{name}:end -->"
-    text = path.read_text() if path.exists() else title
-    if begin in text and end in text:
-        text = text[: text.index(begin)] + block + text[text.index(end) + len(end) :]
-    else:
-        text = text.rstrip() + f"\n\n{heading}\n\n" + block + "\n"
-    from mlip_fed.io import atomic_write_text
-
-    atomic_write_text(path, text)
-
-
-def write_plot(rows: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    variants = list(rows)
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6), sharey=False)
-    for ax, (key, label) in zip(axes, HEADLINE[:3], strict=True):
-        stats = [mean_std([r.get(key, float("nan")) for r in rows[v]]) for v in variants]
-        ax.bar(range(len(variants)), [m for m, _ in stats], yerr=[s for _, s in stats], capsize=3, color="#4c72b0")
-        ax.set_xticks(range(len(variants)), variants, rotation=35, ha="right", fontsize=8)
-        ax.set_title(label)
-        ax.set_ylim(0.4, 1.0)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 if __name__ == "__main__":

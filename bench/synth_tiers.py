@@ -139,18 +139,11 @@ def supervised(cfg: Any, fit: list[Any], scored: list[Any]) -> dict[str, Any]:
     from mlip_fed import pipeline
     from mlip_fed.eval.features import extract_features
     from mlip_fed.eval.linear_probe import run_linear_probe
-    from mlip_fed.train.trainer import LocalTrainer
 
-    pipeline.configure_threads(cfg)
-    model = pipeline.build_model(cfg)
-    loader = pipeline.train_loader(pipeline.train_dataset(fit, cfg), pipeline.build_collator(model, cfg), cfg)
-    steps = int(cfg.train.max_steps)
-    trainer = LocalTrainer(model, cfg.train, total_steps=steps)
-    wall, cpu = time.perf_counter(), time.process_time()
-    losses = []
-    while not trainer.reached_max_steps():
-        losses.append(trainer.fit(loader, epochs=1).mean_parts.get("supervised", math.nan))
-    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    cpu = time.process_time()
+    model, run = pipeline.train_for_steps(cfg, fit)
+    cpu = time.process_time() - cpu
+    wall = run["train_seconds"]
 
     device = next(model.parameters()).device
     train_feats = extract_features(model, pipeline.eval_dataset(fit, cfg), cfg.eval.batch_size, device)
@@ -176,11 +169,11 @@ def supervised(cfg: Any, fit: list[Any], scored: list[Any]) -> dict[str, Any]:
         "head": aurocs(head_scores, binary_labels(scored)),
         "wall_s": wall,
         "cpu_s": cpu,
-        "steps": trainer.state.global_step,
-        "epochs": trainer.state.global_step / max(1, pipeline.steps_per_epoch(len(fit), cfg)),
-        "images_per_s": trainer.state.samples_seen / max(wall, 1e-9),
-        "first_epoch_loss": losses[0] if losses else math.nan,
-        "last_epoch_loss": losses[-1] if losses else math.nan,
+        "steps": run["steps"],
+        "epochs": run["steps"] / max(1, pipeline.steps_per_epoch(len(fit), cfg)),
+        "images_per_s": run["steps"] * cfg.train.batch_size / max(wall, 1e-9),
+        "first_epoch_loss": run["first_epoch"].get("supervised", math.nan),
+        "last_epoch_loss": run["last_epoch"].get("supervised", math.nan),
     }
 
 

@@ -185,6 +185,35 @@ def build_collator(model: Any, cfg: ExperimentConfig) -> Any:
     )
 
 
+def train_for_steps(cfg: ExperimentConfig, records: Sequence[StudyRecord]) -> tuple[Any, dict[str, Any]]:
+    """A fresh model trained for exactly ``cfg.train.max_steps`` optimiser steps on ``records``, in memory.
+
+    For references and comparisons that must spend the same number of steps whatever the dataset size
+    (the supervised ceiling, the ablation rows); a run to keep uses ``mlip-pretrain``. Returns the model and
+    what the run cost: seconds, steps, and the first and last epoch's mean loss parts.
+    """
+    import time
+
+    from mlip_fed.train.trainer import LocalTrainer
+
+    if cfg.train.max_steps is None:
+        raise ValueError("train_for_steps needs train.max_steps")
+    configure_threads(cfg)
+    model = build_model(cfg)
+    loader = train_loader(train_dataset(records, cfg), build_collator(model, cfg), cfg)
+    trainer = LocalTrainer(model, cfg.train, total_steps=int(cfg.train.max_steps))
+    start = time.perf_counter()
+    epochs = []
+    while not trainer.reached_max_steps():
+        epochs.append(trainer.fit(loader, epochs=1).mean_parts)
+    return model, {
+        "train_seconds": time.perf_counter() - start,
+        "steps": trainer.state.global_step,
+        "first_epoch": epochs[0] if epochs else {},
+        "last_epoch": epochs[-1] if epochs else {},
+    }
+
+
 def check_resumable(config_file: Path, cfg: ExperimentConfig) -> None:
     """Refuse to resume a checkpoint trained with another model or data: the result would be neither run."""
     if not config_file.is_file():

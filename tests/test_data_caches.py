@@ -107,3 +107,22 @@ def test_cache_budget_is_respected(tmp_path: Path) -> None:
     assert len(dataset._views[0].cache) == 2
     with pytest.raises(ValueError, match="cache_bytes"):
         ImageReportDataset(records, build_transforms(16, train=False), cache_bytes=-1)
+
+
+def test_items_are_the_pixels_of_the_metadata_tracking_pipeline(tmp_path: Path) -> None:
+    """The dataset runs MONAI without MetaTensor bookkeeping (for speed): same seeds, same pixels as with it."""
+    from monai.data import get_track_meta
+
+    from mlip_fed.data.imageio import read_image
+
+    records = _records(tmp_path, 3)
+    dataset = ImageReportDataset(records, *build_view_pair(16, seed=7), cache_bytes=0)
+    reference = build_view_pair(16, seed=7)
+    assert get_track_meta()
+    for _ in range(2):
+        for i, record in enumerate(records):
+            item = dataset[i]
+            expected = [view(read_image(record.image_path)) for view in reference]  # MONAI's default: tracked
+            assert torch.equal(item["image"], expected[0]) and torch.equal(item["image_view2"], expected[1])
+            assert type(item["image"]) is torch.Tensor
+    assert get_track_meta()  # restored for the rest of the process

@@ -19,11 +19,13 @@ counts into its own copy of the dataset, which the main process never sees; run
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 import torch
+from monai.data import get_track_meta, set_track_meta
 from monai.transforms import Compose, Randomizable
 from torch.utils.data import Dataset, default_collate, get_worker_info
 
@@ -62,16 +64,30 @@ class _CachedView:
         self.cache: dict[int, torch.Tensor] = {}
 
     def __call__(self, index: int, pixels: Callable[[], np.ndarray], budget: list[int]) -> torch.Tensor:
-        if self.head is None or self.tail is None:
-            return self.transform(pixels())
-        prepared = self.cache.get(index)
-        if prepared is None:
-            prepared = self.head(pixels())
-            size = prepared.numel() * prepared.element_size()
-            if size <= budget[0]:
-                budget[0] -= size
-                self.cache[index] = prepared
-        return self.tail(prepared.clone())
+        with _untracked_meta():
+            if self.head is None or self.tail is None:
+                return self.transform(pixels())
+            prepared = self.cache.get(index)
+            if prepared is None:
+                prepared = self.head(pixels())
+                size = prepared.numel() * prepared.element_size()
+                if size <= budget[0]:
+                    budget[0] -= size
+                    self.cache[index] = prepared
+            return self.tail(prepared.clone())
+
+
+@contextmanager
+def _untracked_meta() -> Iterator[None]:
+    """Run MONAI transforms on plain tensors: nothing here inverts a transform, so the MetaTensor bookkeeping
+    (affine and history per step) is pure cost -- about two thirds of the random tail's time at 64², with the
+    same pixels (``tests/test_transforms.py``). The pipeline's last step returns a plain tensor either way."""
+    previous = get_track_meta()
+    set_track_meta(False)
+    try:
+        yield
+    finally:
+        set_track_meta(previous)
 
 
 def decode_skip_reason(err: ImageDecodeError, kind: str = "image") -> str:

@@ -179,7 +179,7 @@ class LinearProbeResult(BaseModel):
     not_computed: str | None = None
 
 
-def _standardize(train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def standardize(train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Scale with train statistics: lbfgs converges far faster and C means the same for any encoder."""
     mean = train.mean(0, keepdims=True)
     std = train.std(0, keepdims=True)
@@ -187,7 +187,7 @@ def _standardize(train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.nd
     return (train - mean) / std, (test - mean) / std
 
 
-def _fit_predict(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, C: float, max_iter: int) -> np.ndarray:
+def fit_predict(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, C: float, max_iter: int) -> np.ndarray:
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
 
@@ -211,7 +211,7 @@ def _select_C(x: np.ndarray, y: np.ndarray, c_grid: Sequence[float], seed: int, 
         for c in range(y.shape[1]):
             if np.unique(y[fit, c]).size < 2:
                 continue
-            scores.append(binary_auroc(_fit_predict(x[fit], y[fit, c], x[val], C, max_iter), y[val, c]))
+            scores.append(binary_auroc(fit_predict(x[fit], y[fit, c], x[val], C, max_iter), y[val, c]))
         score = macro_mean(scores)
         if not math.isnan(score) and score > best_score:
             best_c, best_score = float(C), score
@@ -264,7 +264,7 @@ def run_linear_probe(
     results = []
     for fraction in fractions:
         rows = label_fraction_subset(y_train_all[:, cols], fraction, seed).numpy()
-        x_train, x_test = _standardize(x_train_all[rows], x_test_raw)
+        x_train, x_test = standardize(x_train_all[rows], x_test_raw)
         y_train = y_train_np[rows]
         chosen_c = _select_C(x_train, y_train, c_grid, seed, max_iter) if c_grid else C
         per_class: dict[str, float] = {}
@@ -278,7 +278,7 @@ def run_linear_probe(
                 per_class[name] = math.nan
                 skipped[name] = f"test split has only label {int(y_test_np[0, j])}"
                 continue
-            scores = _fit_predict(x_train, y_train[:, j], x_test, chosen_c, max_iter)
+            scores = fit_predict(x_train, y_train[:, j], x_test, chosen_c, max_iter)
             per_class[name] = binary_auroc(scores, y_test_np[:, j])
         results.append(
             ProbeFractionResult(
