@@ -59,6 +59,7 @@ def test_tensorboard_event_files_hold_loss_parts_and_lr(run: tuple[Path, int]) -
     events.Reload()
     tags = set(events.Tags()["scalars"])
     assert {"train/lr", "train/total", "train/global_itc", "train/text_swap"} <= tags
+    assert "eval/retrieval/i2t_R@5" in tags  # the final evaluation, at the last step
     steps = [e.step for e in events.Scalars("train/lr")]
     assert steps == sorted(steps) and len(steps) >= 2
 

@@ -4,7 +4,9 @@
 2. Shows what the labeler reads in one hospital's reports against the generator's truth.
 3. Runs ``flwr run .`` (a private local SuperLink, three simulated hospitals) for a few rounds,
    streaming a per-round table (loss, linear-probe AUROC, R@5, time).
-4. Compares the federated encoder with the seeded random-init encoder under the same probe.
+4. Trains the supervised ceiling (the same image tower with the 14 labels, on the pooled train studies the
+   demo holds), then compares the federated encoder with the seeded random-init encoder and the ceiling under
+   the same probe, with the share of the ceiling's gain the federation reached (gap closed).
 
 Nothing is downloaded; everything is written under ``demo_out/``.
 """
@@ -16,16 +18,23 @@ import math
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
+#: Learning rate of the supervised ceiling (the calibration's, bench/synth_tiers.py).
+SUPERVISED_LR = 1e-3
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mlip-demo", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=REPO / "demo_out")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--studies-per-site", type=int, default=300)
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--studies-per-site", type=int, default=1000)
     parser.add_argument("--sites", type=int, default=3)
+    parser.add_argument("--local-epochs", type=int, default=2, help="local epochs per round at each site")
+    parser.add_argument(
+        "--supervised-steps", type=int, default=800, help="optimiser steps of the supervised ceiling (0: leave it out)"
+    )
     parser.add_argument("--verbose", action="store_true", help="also show Flower's and Ray's DEBUG/INFO lines")
     parser.add_argument("overrides", nargs="*", help="extra hydra overrides for the federation")
     return parser
@@ -43,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         f"data.synthetic.studies_per_site={args.studies_per_site}",
         f"federation.min_train_nodes={args.sites}",
         f"federation.min_available_nodes={args.sites}",
+        f"federation.local_epochs={args.local_epochs}",
+        f"federation.evaluate_every={max(1, args.rounds // 2)}",  # the server's probe twice, not every round
         "eval.segmentation.enabled=false",
         "eval.zero_shot.enabled=false",
         "train.progress_bar=false",
@@ -93,16 +104,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  log: {result.log_path}", file=sys.stderr)
         return 1
 
-    _banner("4/4  Global encoder vs random-init encoder (frozen encoder, linear probe on all train studies)")
+    _banner("4/4  Federated encoder vs random init and the supervised ceiling (frozen encoder, linear probe)")
     results = result.results or {}
     checkpoint = result.output_dir / "checkpoints" / "server_last.pt"
     from mlip_fed.cli.evaluate import comparison_table, run_evaluation, write_results
 
     evaluation = run_evaluation(cfg, checkpoint, compare_random=True)
     renamed = {"random_init": evaluation["random_init"], "federated": evaluation["pretrained"]}
+    if args.supervised_steps > 0:
+        renamed["supervised"] = _supervised_ceiling(overrides, args.supervised_steps)
     write_results(renamed, out / "eval", cfg.name)
     table = comparison_table(renamed)
     print("\n".join("  " + line for line in table.splitlines() if "median_rank" not in line))
+    if "supervised" in renamed:
+        print("\n" + "\n".join("  " + line for line in _gap_closed_lines(renamed)))
     print(f"  (full tables: {out / 'eval' / 'eval.md'})")
     failures = results.get("failures") or []
     print(f"\n  site failures: {len(failures)}")
@@ -111,6 +126,45 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  plot:    {plot}")
     print(f"\nmlip-demo finished in {time.perf_counter() - start:.0f} s")
     return 0
+
+
+def _supervised_ceiling(overrides: list[str], steps: int) -> Any:
+    """The image tower trained with the labels (BCE) on every site's train studies, evaluated like the others.
+
+    A reference only the demo can compute: its sites' data all live on this machine. The learning rate is the
+    one the supervised ceiling was calibrated with (docs/synthcxr.md).
+    """
+    from mlip_fed import pipeline
+    from mlip_fed.cli.hydra_config import compose_experiment
+
+    cfg = compose_experiment(
+        [
+            "experiment=synth_cpu",
+            *overrides,
+            "objectives=supervised",
+            f"train.max_steps={steps}",
+            "train.epochs=100000",
+            f"train.lr={SUPERVISED_LR}",
+            "eval.retrieval.enabled=false",
+        ]
+    )
+    data = pipeline.load_records(cfg.data)
+    print(f"  supervised ceiling: {steps} steps on {len(data.train)} labelled train studies ...", flush=True)
+    model, run = pipeline.train_for_steps(cfg, data.train)
+    print(f"  trained in {run['train_seconds']:.0f} s", flush=True)
+    return pipeline.evaluate_model(model, data, cfg)
+
+
+def _gap_closed_lines(results: dict[str, Any]) -> list[str]:
+    """Gap closed = (federated − random) / (supervised − random) for each linear-probe label fraction."""
+    from mlip_fed.eval.protocol import gap_closed
+
+    flat = {name: result.flat_metrics() for name, result in results.items()}
+    lines = ["gap closed = (federated − random init) / (supervised − random init), linear probe:"]
+    for key in sorted(k for k in flat["federated"] if k.startswith("linear_probe/macro_auroc@")):
+        gap = gap_closed(flat["federated"][key], flat["random_init"][key], flat["supervised"].get(key, math.nan))
+        lines.append(f"  {key.split('@')[1]} of the labels: {gap:.2f}" if math.isfinite(gap) else f"  {key}: n/a")
+    return lines
 
 
 def _labeler_summary(manifest: Path) -> None:

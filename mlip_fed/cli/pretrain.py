@@ -120,6 +120,7 @@ def run_pretraining(cfg: ExperimentConfig, *, evaluate: bool = True) -> dict[str
         evaluation = pipeline.evaluate_model(model, data, cfg)
         pipeline.write_evaluation(evaluation, out, title=f"{cfg.name}: frozen-encoder evaluation")
         result["eval"] = evaluation.flat_metrics()
+        trainer.log_evaluation(result["eval"])
         if evaluation.not_computed():  # e.g. too few positives for the probe: reported, not fatal
             result["eval_not_computed"] = evaluation.not_computed()
     atomic_write_json(out / "pretrain_summary.json", result)

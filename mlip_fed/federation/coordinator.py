@@ -47,6 +47,7 @@ from mlip_fed.federation.server_state import (
     load_server_state,
     save_server_state,
 )
+from mlip_fed.federation.tensorboard import RoundWriter
 from mlip_fed.io import atomic_write_text
 
 #: The run id sent to sites in every request (sites key their privacy-ledger events by it); kept beside the
@@ -133,6 +134,9 @@ class FederationCoordinator:
         self.client_dp_accountant = (
             ClientDPAccountant.from_history(self.state.history, self.client_dp.delta) if self.client_dp else None
         )
+        #: ``train.tensorboard``: each round's record also goes to ``<output_dir>/tensorboard`` (round, eval, per-site,
+        #: epsilon, bytes and seconds scalars); results.json stays the record.
+        self.tensorboard = RoundWriter(self.output_dir) if cfg.train.tensorboard else None
 
     # ------------------------------------------------------------------ round life cycle
     def remaining_rounds(self) -> range:
@@ -149,6 +153,8 @@ class FederationCoordinator:
                 record["seconds"] = {"evaluation": time.perf_counter() - t0, "round": time.perf_counter() - t0}
             self.state.history.append(record)
             self._persist("running")
+            if self.tensorboard is not None:
+                self.tensorboard.write(record)
             self.log(table_row(record))
         else:
             for record in self.state.history:
@@ -384,6 +390,8 @@ class FederationCoordinator:
         self.state.history.append(record)
         self.state.failures.extend(f.as_dict() for f in failures)
         self._persist("running")
+        if self.tensorboard is not None:
+            self.tensorboard.write(record)
         self.log(table_row(record))
         return record
 

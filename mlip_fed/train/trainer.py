@@ -303,6 +303,15 @@ class LocalTrainer:
                     self._tb_writer.add_scalar(f"train/{key}", value, self.state.global_step)
             self._tb_writer.flush()  # SummaryWriter buffers ~2 min; a short or killed run would leave nothing
 
+    def log_evaluation(self, metrics: dict[str, float]) -> None:
+        """Evaluation figures into TensorBoard (``eval/<metric>``) at the current step, beside the training curves."""
+        if self._tb_writer is None:
+            return
+        for key, value in metrics.items():
+            if isinstance(value, int | float) and math.isfinite(value):
+                self._tb_writer.add_scalar(f"eval/{key}", value, self.state.global_step)
+        self._tb_writer.flush()
+
     def _progress(self, loader: Iterable[Any], skip: int) -> Any:
         if not self.cfg.progress_bar:
             return None
