@@ -11,7 +11,13 @@ from mlip_fed.cli.hydra_config import compose_experiment
 
 def _cfg(tmp_path, *extra: str):
     return compose_experiment(
-        ["experiment=smoke", f"data.root={tmp_path / 'data'}", "train.num_threads=1", "train.progress_bar=false", *extra]
+        [
+            "experiment=smoke",
+            f"data.root={tmp_path / 'data'}",
+            "train.num_threads=1",
+            "train.progress_bar=false",
+            *extra,
+        ]
     )
 
 
