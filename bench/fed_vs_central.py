@@ -17,8 +17,10 @@ Each (setting, seed, row) writes its own JSON under ``--work-dir``; a rerun skip
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import shlex
+import statistics
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -95,7 +97,13 @@ def run_setting(args: argparse.Namespace, sites: int, alpha: str, seed: int) -> 
         model = pipeline.build_model(cfg)
         pipeline.load_model_weights(model, output / "checkpoints" / "server_last.pt")
         result = evaluate_encoder(model, cfg, pool, protocol, segmentation=False)
-        return {**result, "wall_seconds": summary.get("wall_seconds"), "rounds": args.rounds}
+        history = json.loads((output / "results.json").read_text())["rounds"]
+        itc = [  # each round's global contrast, mean over sites: log(batch) means it never left chance
+            statistics.fmean(site["loss_global_itc"] for site in r["sites"] if "loss_global_itc" in site)
+            for r in history
+            if any("loss_global_itc" in site for site in r.get("sites", []))
+        ]
+        return {**result, "wall_seconds": summary.get("wall_seconds"), "rounds": args.rounds, "global_itc": itc}
 
     def random_init() -> dict[str, Any]:
         return evaluate_encoder(pipeline.build_model(cfg), cfg, pool, protocol, segmentation=False)
