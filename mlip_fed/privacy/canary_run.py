@@ -138,39 +138,66 @@ def pair_margins(model: Any, records: Sequence[StudyRecord], cfg: ExperimentConf
 
 
 # ---------------------------------------------------------------------------- the audit
-def report_dict(report: Any) -> dict[str, Any]:
-    """A canary report (a dataclass with ``broken``/``verdict_*``/``passed``) as report.json holds it."""
-    return {
-        **asdict(report),
-        "deliberately_broken": report.broken,
-        "verdict_against": report.verdict_against,
-        "verdict_epsilon": report.verdict_epsilon,
-        "passed": report.passed,
-    }
+class CanaryVerdict:
+    """What every canary report (gradient/input and release) derives the same way from its fields.
 
+    A subclass is a frozen dataclass with ``epsilon_lower_bound``, ``noise_applied_fraction`` and the claimed /
+    applied noise multipliers, and defines ``verdict_against``, ``verdict_epsilon`` and the wording of its broken
+    line (``claimed_name``, ``none_added``, ``adder``).
+    """
 
-def broken_line(report: Any, claimed_name: str, none_added: str, adder: str) -> str | None:
-    """The first line of a deliberately broken canary report (noise off or under-noised), None for a correct one."""
-    if not report.broken:
-        return None
-    claimed, applied, fraction = (
-        report.noise_multiplier_claimed,
-        report.noise_multiplier_applied,
-        report.noise_applied_fraction,
-    )
-    if fraction == 0:
+    claimed_name = "sigma"
+    none_added = "none is added"
+    adder = "the engine adds"
+
+    @property
+    def verdict_against(self) -> str:
+        raise NotImplementedError
+
+    @property
+    def verdict_epsilon(self) -> float:
+        raise NotImplementedError
+
+    @property
+    def passed(self) -> bool:
+        return self.epsilon_lower_bound <= self.verdict_epsilon  # type: ignore[attr-defined]
+
+    @property
+    def broken(self) -> bool:
+        """Deliberately under-noised (noise_applied_fraction < 1, noise off included)."""
+        return self.noise_applied_fraction < 1.0  # type: ignore[attr-defined]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The report as report.json holds it."""
+        return {
+            **asdict(self),  # type: ignore[call-overload]
+            "deliberately_broken": self.broken,
+            "verdict_against": self.verdict_against,
+            "verdict_epsilon": self.verdict_epsilon,
+            "passed": self.passed,
+        }
+
+    def broken_line(self) -> str | None:
+        """The first line of a deliberately broken report (noise off or under-noised), None for a correct one."""
+        if not self.broken:
+            return None
+        claimed = self.noise_multiplier_claimed  # type: ignore[attr-defined]
+        applied = self.noise_multiplier_applied  # type: ignore[attr-defined]
+        fraction = self.noise_applied_fraction  # type: ignore[attr-defined]
+        if fraction == 0:
+            return (
+                f"!! NOISE OFF: deliberately broken configuration (the accountant claims {self.claimed_name}="
+                f"{claimed:.4g}, {self.none_added})"
+            )
         return (
-            f"!! NOISE OFF: deliberately broken configuration (the accountant claims {claimed_name}={claimed:.4g}, "
-            f"{none_added})"
+            f"!! UNDER-NOISED {1 / fraction:.3g}x: deliberately broken configuration "
+            f"(the accountant claims {self.claimed_name}={claimed:.4g}, {self.adder} {fraction:g} of it: "
+            f"sigma={applied:.4g})"
         )
-    return (
-        f"!! UNDER-NOISED {1 / fraction:.3g}x: deliberately broken configuration "
-        f"(the accountant claims {claimed_name}={claimed:.4g}, {adder} {fraction:g} of it: sigma={applied:.4g})"
-    )
 
 
 @dataclass(frozen=True)
-class CanaryRunReport:
+class CanaryRunReport(CanaryVerdict):
     mechanism: str
     kind: str
     noise_off: bool
@@ -206,22 +233,6 @@ class CanaryRunReport:
     def verdict_epsilon(self) -> float:
         """The epsilon that applies to one inserted canary, which the lower bound must not exceed."""
         return self.canary_unit_epsilon if self.kind == "gradient" else self.claimed_epsilon
-
-    @property
-    def passed(self) -> bool:
-        return self.epsilon_lower_bound <= self.verdict_epsilon
-
-    @property
-    def broken(self) -> bool:
-        """Deliberately under-noised (noise_applied_fraction < 1, noise off included)."""
-        return self.noise_applied_fraction < 1.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return report_dict(self)
-
-    def broken_line(self) -> str | None:
-        """The report's first line for a deliberately broken configuration, None for a correct one."""
-        return broken_line(self, "sigma", "none is added", "the engine adds")
 
     def text(self) -> str:
         verdict = "PASS" if self.passed else "FAIL"

@@ -38,7 +38,6 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -46,7 +45,7 @@ import torch
 from mlip_fed.config import ExperimentConfig
 from mlip_fed.privacy.accountant import AccountedStep, compute_epsilon
 from mlip_fed.privacy.canary import audit_scores
-from mlip_fed.privacy.canary_run import broken_line, canary_inclusion, check_noise_applied, report_dict
+from mlip_fed.privacy.canary_run import CanaryVerdict, canary_inclusion, check_noise_applied
 from mlip_fed.privacy.randomness import GaussianNoise
 from mlip_fed.privacy.randomness import public_seed as _seed
 from mlip_fed.privacy.release import PrototypeRelease, release_effective_noise, release_prototypes
@@ -96,7 +95,7 @@ def release_canary_scores(release: PrototypeRelease, signs: np.ndarray, rows: in
 
 
 @dataclass(frozen=True)
-class ReleaseCanaryReport:
+class ReleaseCanaryReport(CanaryVerdict):
     kind: str
     noise_applied_fraction: float
     canaries: int
@@ -122,6 +121,10 @@ class ReleaseCanaryReport:
     rows_suppressed: int
     seconds: float
 
+    claimed_name = "prototype sigma"  # wording of the broken line (class attributes, not fields)
+    none_added = "the release adds none"
+    adder = "the release adds"
+
     @property
     def verdict_against(self) -> str:
         return "release_epsilon"
@@ -130,20 +133,6 @@ class ReleaseCanaryReport:
     def verdict_epsilon(self) -> float:
         """What one release charges a unit (the canary is a unit at the accounted bound)."""
         return self.release_epsilon
-
-    @property
-    def passed(self) -> bool:
-        return self.epsilon_lower_bound <= self.verdict_epsilon
-
-    @property
-    def broken(self) -> bool:
-        return self.noise_applied_fraction < 1.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return report_dict(self)
-
-    def broken_line(self) -> str | None:
-        return broken_line(self, "prototype sigma", "the release adds none", "the release adds")
 
     def text(self) -> str:
         verdict = "PASS" if self.passed else "FAIL"
