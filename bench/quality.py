@@ -19,14 +19,14 @@ from __future__ import annotations
 import json
 import math
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from mlip_fed.eval.protocol import FractionSummary, ProbeProtocol, evaluate_probe, evaluation_pool
+from mlip_fed.eval.protocol import ProbeProtocol, evaluate_probe, evaluation_pool
 
 #: Raw pixels are 4,096 correlated features: the difficulty baseline's stronger regularisation.
 RAW_PIXEL_C = 0.01
@@ -102,7 +102,7 @@ def raw_pixel_probe(pool: Pool, protocol: ProbeProtocol) -> dict[str, Any]:
             np.stack([np.asarray(Image.open(r.image_path), dtype=np.float32).ravel() / 255.0 for r in records])
         )
 
-    raw = ProbeProtocol(**{**protocol.__dict__, "C": RAW_PIXEL_C})
+    raw = replace(protocol, C=RAW_PIXEL_C)
     probe = evaluate_probe(
         pixels(pool.probe_train),
         labels_tensor(pool.probe_train),
@@ -139,19 +139,3 @@ def seed_stats(values: list[float]) -> tuple[float, float, int]:
     if not clean:
         return math.nan, math.nan, 0
     return statistics.fmean(clean), statistics.stdev(clean) if len(clean) > 1 else math.nan, len(clean)
-
-
-def summaries(result: dict[str, Any]) -> list[FractionSummary]:
-    return [
-        FractionSummary(
-            fraction=s["fraction"],
-            n_train=s["n_train"],
-            draws=s["draws"],
-            mean=s["mean"],
-            std=s["std"],
-            ci_low=s["ci"][0],
-            ci_high=s["ci"][1],
-            per_class=s["per_class"],
-        )
-        for s in result.get("probe", [])
-    ]
