@@ -21,6 +21,7 @@ export FLWR_DISABLE_UPDATE_CHECK=1
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
 export RAY_USAGE_STATS_ENABLED=0
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
+export RAY_DEDUP_LOGS=0
 export HF_HUB_OFFLINE=1
 export TRANSFORMERS_OFFLINE=1
 
@@ -58,8 +59,8 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not integration"
 
 lint: $(STAMP)
-	$(BIN)/ruff check mlip_fed server client tests bench
-	$(BIN)/ruff format --check mlip_fed server client tests bench
+	$(BIN)/ruff check mlip_fed mlip_wire server client tests bench
+	$(BIN)/ruff format --check mlip_fed mlip_wire server client tests bench
 
 # Every benchmark at a size this 2-core machine fits in <= 20 min; regenerates docs/performance.md.
 # BENCH_ARGS="--only mfu,hardware" runs a subset, "--list" shows the registry.

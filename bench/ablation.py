@@ -102,7 +102,7 @@ def protocol(args: argparse.Namespace) -> ProbeProtocol:
 
 def run_row(args: argparse.Namespace, row: str, seed: int, pool: Pool) -> dict[str, Any]:
     from mlip_fed import pipeline
-    from mlip_fed.cli.hydra_config import compose_experiment
+    from mlip_fed.config_compose import compose_experiment
 
     def make() -> dict[str, Any]:
         if row == "raw_pixel":
@@ -126,7 +126,7 @@ def run_row(args: argparse.Namespace, row: str, seed: int, pool: Pool) -> dict[s
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    from mlip_fed.cli.hydra_config import compose_experiment
+    from mlip_fed.config_compose import compose_experiment
 
     pool = load_pool(compose_experiment(overrides(args, "full", args.seeds[0])))
     rows = [r for r, _ in REFERENCES] + list(args.variants)
@@ -142,9 +142,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     table = render(args, results, pool)
     print(table)
-    from mlip_fed.federation.report import replace_docs_block
+    from bench.docs_block import replace_block
 
-    replace_docs_block(args.out, BLOCK, table)
+    replace_block(args.out, BLOCK, table)
     print(f"wrote {args.out}")
     return 0
 

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-from mlip_fed.cli.hydra_config import compose_experiment
-from mlip_fed.federation.report import replace_docs_block
+from bench.docs_block import replace_block
+from mlip_fed.config_compose import compose_experiment
 from mlip_fed.privacy.canary_run import CanaryRunReport, run_canary_audit
 
 REPO = Path(__file__).resolve().parents[1]
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     table = "\n".join(lines)
     print(table)
     if not args.no_doc:
-        replace_docs_block(args.doc, "canary_audit", table)
+        replace_block(args.doc, "canary_audit", table)
     return 0
 
 

@@ -68,7 +68,7 @@ def run_simulation(work: Path, overrides: list[str], rounds: int) -> dict[str, A
 
 
 def run_deployment(work: Path, overrides: list[str], rounds: int, tls: bool) -> dict[str, Any]:
-    from mlip_fed.cli.hydra_config import compose_experiment
+    from mlip_fed.config_compose import compose_experiment
     from mlip_fed.deploy.local import LocalDeployment
     from mlip_fed.federation.simulation import write_run_config
     from mlip_fed.pipeline import synthetic_manifests
@@ -146,7 +146,7 @@ def probe(site_yaml: Path, run_toml: Path) -> None:
 
 
 def fresh_process(work: Path, overrides: list[str]) -> dict[str, float]:
-    from mlip_fed.cli.hydra_config import compose_experiment
+    from mlip_fed.config_compose import compose_experiment
     from mlip_fed.deploy.local import LocalDeployment
     from mlip_fed.federation.simulation import write_run_config
     from mlip_fed.pipeline import synthetic_manifests
@@ -234,9 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     ]
     table = "\n".join(lines)
     if not args.no_doc:
-        from mlip_fed.federation.report import replace_docs_block
+        from bench.docs_block import replace_block
 
-        replace_docs_block(args.doc, "deploy_rounds", table)
+        replace_block(args.doc, "deploy_rounds", table)
     print(table)
     return 0
 

@@ -6,11 +6,12 @@ studies, at the same expected number of **records per step**, then is scored wit
 supervised ceiling.
 
 - non-DP: ``mlip-pretrain``'s loop (shuffled batches of ``train.batch_size`` records, ``standard_gradient``);
-- DP: ``PoissonLoader`` at q = batch_size / records (so a step holds batch_size records in expectation, whatever
-  the privacy unit: a sampled patient brings all their records), ``BucketedClippingGradient``
-  (C = privacy.clipping_norm, privacy.num_buckets buckets), sigma calibrated with the RDP accountant so that the
-  planned steps cost exactly the target epsilon at privacy.delta; the table reports the achieved epsilon (RDP, PRV)
-  and the measured records per step.
+- DP: the site's façade, ``SitePrivacy``, with ``privacy.epsilon_budget`` set to the target: its Poisson loader at
+  q = batch_size / records (so a step holds batch_size records in expectation, whatever the privacy unit: a sampled
+  patient brings all their records), its ``BucketedClippingGradient`` (C = privacy.clipping_norm,
+  privacy.num_buckets buckets), sigma from ``SitePrivacy.calibrate`` so that the planned steps cost exactly the
+  target epsilon at privacy.delta (never below privacy.min_noise_multiplier), the steps charged to a throwaway
+  ledger; the table reports the achieved epsilon (RDP, PRV) and the measured records per step.
 
 Each (arm, seed) writes its own JSON under ``--work-dir``; a rerun skips finished runs.
 
@@ -26,6 +27,7 @@ import math
 import shlex
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -33,14 +35,13 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.docs_block import replace_block  # noqa: E402
 from bench.quality import Pool, evaluate_encoder, load_pool, probe_mean, run_once, seed_stats  # noqa: E402
 from mlip_fed import pipeline  # noqa: E402
-from mlip_fed.cli.hydra_config import compose_experiment  # noqa: E402
 from mlip_fed.config import ExperimentConfig  # noqa: E402
+from mlip_fed.config_compose import compose_experiment  # noqa: E402
 from mlip_fed.eval.protocol import ProbeProtocol  # noqa: E402
-from mlip_fed.federation.report import replace_docs_block  # noqa: E402
-from mlip_fed.privacy.accountant import AccountedStep, calibrate_noise_multiplier, compute_epsilon  # noqa: E402
-from mlip_fed.privacy.engine import SENSITIVITY_FACTOR, BucketedClippingGradient, PoissonLoader  # noqa: E402
+from mlip_fed.privacy.site_privacy import SitePrivacy  # noqa: E402
 from mlip_fed.train.trainer import LocalTrainer  # noqa: E402
 
 FRACTIONS = (0.01, 1.0)
@@ -97,27 +98,30 @@ def train_arm(
             trainer.fit(loader, epochs=1)
         info.update(sigma=None, q=None, steps=trainer.state.global_step, records_per_step=float(cfg.train.batch_size))
     else:
-        policy = cfg.privacy
+        # Through the site's façade, as deployed: sigma calibrated so the planned steps cost exactly the target
+        # epsilon, sampling and noise from OS entropy, the steps charged to a (throwaway) ledger.
+        policy = cfg.privacy.model_copy(update={"epsilon_budget": epsilon, "noise_multiplier": None})
         patients = [r.patient_id for r in records]
         q = min(1.0, cfg.train.batch_size / len(records))  # batch_size records per step in expectation
-        factor = SENSITIVITY_FACTOR[policy.mechanism]
-        sigma = calibrate_noise_multiplier(epsilon, policy.delta, q, steps, sensitivity_factor=factor)
-        # Sample and noise from OS entropy, as at a site: the bench measures the mechanism as deployed.
-        loader = PoissonLoader(dataset, collator, patients, q, num_buckets=policy.num_buckets, unit=policy.privacy_unit)
-        engine = BucketedClippingGradient(
-            model,
-            noise_multiplier=sigma,
-            clipping_norm=policy.clipping_norm,
-            num_buckets=policy.num_buckets,
-            mode=policy.mechanism,  # type: ignore[arg-type]
-        )
-        trainer = LocalTrainer(model, train_cfg, total_steps=steps, gradient_fn=engine)
-        try:
-            while not trainer.reached_max_steps():
-                trainer.fit(loader, epochs=1)
-        finally:
-            engine.close()
-        achieved = compute_epsilon([AccountedStep(sigma / factor, q, engine.steps)], policy.delta)
+        with tempfile.TemporaryDirectory(prefix="dp_utility_ledger_") as ledger_dir:
+            site = SitePrivacy(policy, Path(ledger_dir) / "ledger.sqlite", len(records), "dp_utility", site="bench")
+            try:
+                sigma = site.calibrate(steps, q)
+                refusal = site.plan_round(0, steps, q)
+                if refusal is not None:
+                    raise RuntimeError(f"dp_utility: the calibrated plan was refused: {refusal}")
+                loader = site.poisson_loader(dataset, collator, patients, q)
+                engine = site.gradient_fn(model)
+                trainer = LocalTrainer(model, train_cfg, total_steps=steps, gradient_fn=engine)
+                try:
+                    while not trainer.reached_max_steps():
+                        trainer.fit(loader, epochs=1)
+                finally:
+                    engine.close()
+                site.record_training(0, engine.steps, q)
+                achieved = site.epsilon()
+            finally:
+                site.close()
         info.update(
             sigma=sigma,
             q=q,
@@ -252,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     table = render(args, runs, pool)
     print(table)
     if not args.no_doc:
-        replace_docs_block(args.doc, "dp_utility", table)
+        replace_block(args.doc, "dp_utility", table)
     return 0
 
 

@@ -12,7 +12,7 @@ tree (SuperExec, ServerApp, Ray workers), sampled every 0.5 s.
 the serialised size of one request and one reply split into weights, bank and Flower's framing (the
 protobuf ``RecordDict``: keys, dtypes, shapes, ``.npy`` headers, config and metrics records) against the
 raw float32 parameter bytes, and the linear-probe AUROC after a few rounds of an in-process federation
-whose every request and reply goes through ``server/codec.py`` in that dtype (same seed for all three).
+whose every request and reply goes through ``mlip_wire/codec.py`` in that dtype (same seed for all three).
 ``--no-flwr`` skips the ``flwr run`` sweep.
 """
 
@@ -23,28 +23,20 @@ import os
 import shutil
 import sys
 import tempfile
-import threading
 from pathlib import Path
 from typing import Any
 
-from mlip_fed.federation.report import replace_docs_block
-from mlip_fed.federation.simulation import run_flwr_simulation, superlink_tree_rss_bytes
+from bench.docs_block import replace_block
+from bench.rss import peak_tree_rss
+from mlip_fed.federation.simulation import run_flwr_simulation
+from mlip_fed.federation.superlink_tree import superlink_pids
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def run_one(work: Path, num_sites: int, studies_per_site: int, rounds: int) -> dict[str, Any]:
     flwr_home = work / f"home_{num_sites}"
-    peak = [0]
-    done = threading.Event()
-
-    def sample() -> None:
-        while not done.wait(0.5):
-            peak[0] = max(peak[0], superlink_tree_rss_bytes(flwr_home))
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    try:
+    with peak_tree_rss(lambda: superlink_pids(flwr_home)) as peak:
         result = run_flwr_simulation(
             REPO,
             output_dir=work / f"run_{num_sites}",
@@ -62,13 +54,10 @@ def run_one(work: Path, num_sites: int, studies_per_site: int, rounds: int) -> d
             timeout_s=1200,
             flwr_home=flwr_home,
         )
-    finally:
-        done.set()
-        sampler.join()
     if not result.ok:
         raise RuntimeError(f"{num_sites}-site run failed: {result.failure_reason()}")
     assert result.results is not None
-    return {"sites": num_sites, "results": result.results, "wall": result.seconds, "peak_rss": peak[0]}
+    return {"sites": num_sites, "results": result.results, "wall": result.seconds, "peak_rss": peak.bytes}
 
 
 # ---------------------------------------------------------------------------- transport dtype
@@ -79,11 +68,11 @@ def message_sizes(experiment: str, transport_dtype: str) -> dict[str, int]:
     """Serialised bytes of one request and one reply of this model, split into weights / bank / framing."""
     from flwr.common.serde import recorddict_to_proto
 
-    from mlip_fed.cli.hydra_config import compose_experiment
+    from mlip_fed.config_compose import compose_experiment
     from mlip_fed.federation.aggregate import BANK_STAT_KEYS, state_nbytes
     from mlip_fed.federation.payload import RoundRequest, SiteUpdate
     from mlip_fed.federation.site import initial_global_state
-    from server.codec import BANK, WEIGHTS, encode_request, encode_update
+    from mlip_wire.codec import BANK, WEIGHTS, encode_request, encode_update
 
     cfg = compose_experiment([f"experiment={experiment}"])
     weights, bank, model = initial_global_state(cfg)
@@ -107,13 +96,13 @@ def _npy_header(data: bytes) -> int:
 
 
 def transport_auroc(work: Path, transport_dtype: str, args: argparse.Namespace) -> dict[str, Any]:
-    """An in-process federation whose requests and replies cross ``server/codec.py`` in ``transport_dtype``."""
+    """An in-process federation whose requests and replies cross ``mlip_wire/codec.py`` in ``transport_dtype``."""
     import torch
 
     from mlip_fed.federation.coordinator import coordinator_from_run
     from mlip_fed.federation.run_config import experiment_from_run_config
     from mlip_fed.federation.site import SiteRuntime
-    from server.codec import decode_request, decode_update, encode_request, encode_update
+    from mlip_wire.codec import decode_request, decode_update, encode_request, encode_update
 
     torch.set_num_threads(1)
     out = work / f"transport_{transport_dtype}"
@@ -128,6 +117,7 @@ def transport_auroc(work: Path, transport_dtype: str, args: argparse.Namespace) 
                     "train.batch_size=16",
                     "train.num_threads=1",
                     "federation.evaluate_every=0",
+                    "federation.server_evaluation=true",  # the sites are called directly here: the server scores
                     f"federation.transport_dtype={transport_dtype}",
                 ]
             ),
@@ -164,7 +154,7 @@ def transport_table(args: argparse.Namespace, argv_text: str) -> str:
         f"Command: `python bench/fed_comm.py {argv_text}` (experiment `{args.transport_experiment}` model; sizes = "
         "`recorddict_to_proto(...).ByteSize()` of one request / one reply; AUROC = server linear probe after "
         f"{args.transport_rounds} in-process rounds of {args.transport_sites} sites x {args.transport_studies} SynthCXR "
-        "studies, batch 16, seed 0, every message through `server/codec.py`; 1-min load average "
+        "studies, batch 16, seed 0, every message through `mlip_wire/codec.py`; 1-min load average "
         f"{os.getloadavg()[0]:.1f} when the table was written).",
         "",
         "| transport | raw fp32 weights | down: weights / bank / framing | down total | up: weights / bank / framing "
@@ -199,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     argv_text = " ".join(sys.argv[1:] if argv is None else argv)
     if args.transport:
         table = transport_table(args, argv_text)
-        replace_docs_block(args.doc, "fed_transport", table)
+        replace_block(args.doc, "fed_transport", table)
         print(table)
     if args.no_flwr:
         return 0
@@ -244,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
             f"| {run['sites']} | {run['wall']:.0f} | {run['peak_rss'] / 2**30:.2f} GiB | {_f(final.get('auroc'))} | {_f(final.get('r_at_5'))} |"
         )
     table = "\n".join(lines)
-    replace_docs_block(args.doc, "fed_comm", table)
+    replace_block(args.doc, "fed_comm", table)
     print(table)
     return 0
 

@@ -81,7 +81,7 @@ def setting_overrides(args: argparse.Namespace, sites: int, alpha: str, seed: in
 
 def run_setting(args: argparse.Namespace, sites: int, alpha: str, seed: int) -> dict[str, dict[str, Any]]:
     from mlip_fed import pipeline
-    from mlip_fed.cli.hydra_config import compose_experiment
+    from mlip_fed.config_compose import compose_experiment
     from mlip_fed.federation.simulation import run_in_process
 
     common = setting_overrides(args, sites, alpha, seed)
@@ -210,9 +210,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     table = render(args, results)
     print(table)
-    from mlip_fed.federation.report import replace_docs_block
+    from bench.docs_block import replace_block
 
-    replace_docs_block(args.doc, BLOCK, table)
+    replace_block(args.doc, BLOCK, table)
     return 0
 
 

@@ -6,7 +6,7 @@
    (``send_and_receive`` + aggregation + evaluation) and the sites' own timings (training, trainer checkpoint,
    bank pass, whole handler).
 2. The same federation in-process (``run_in_process``-style loop, no Flower): each site's pure training time.
-3. Serialisation: ``server/codec.py`` encode + decode of this model's request and reply, timed in-process.
+3. Serialisation: ``mlip_wire/codec.py`` encode + decode of this model's request and reply, timed in-process.
 
 Flower overhead = round − (best schedule of the sites' handler times on the actors + aggregation +
 evaluation): message transport, ClientApp dispatch, Ray scheduling. Goal: <= 10 % of the round.
@@ -90,11 +90,11 @@ def alone(args: argparse.Namespace, root: Path, out: Path) -> list[dict[str, flo
 
 def serialisation_seconds(args: argparse.Namespace, repeats: int = 3) -> dict[str, float]:
     """Encode + decode of one request and one reply of this model (what each site and the server pay)."""
-    from mlip_fed.cli.hydra_config import compose_experiment
+    from mlip_fed.config_compose import compose_experiment
     from mlip_fed.federation.aggregate import BANK_STAT_KEYS
     from mlip_fed.federation.payload import RoundRequest, SiteUpdate
     from mlip_fed.federation.site import initial_global_state
-    from server.codec import decode_request, decode_update, encode_request, encode_update
+    from mlip_wire.codec import decode_request, decode_update, encode_request, encode_update
 
     cfg = compose_experiment([f"experiment={args.experiment}"])
     weights, bank, model = initial_global_state(cfg)
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.rounds < 2:
         parser.error("--rounds must be >= 2: round 1 is start-up and is not reported")
 
-    from mlip_fed.federation.report import replace_docs_block
+    from bench.docs_block import replace_block
     from mlip_fed.federation.simulation import run_flwr_simulation
 
     work = Path(tempfile.mkdtemp(prefix="flower_overhead_"))
@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         "(part of the overhead and of the site handler).",
     ]
     text = "\n".join(lines)
-    replace_docs_block(args.doc, "flower_overhead", text)
+    replace_block(args.doc, "flower_overhead", text)
     print(text)
     print(f"metric: flower_overhead_fraction = {mean_pct / 100:.4f}")  # read by bench/run_all.py
     return 0

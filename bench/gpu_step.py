@@ -4,12 +4,17 @@ Configuration: ``configs/model/resnet50.yaml`` or ``vit_b16.yaml`` at 224², ``c
 (batch 72), all five objectives, and a text tower of BERT-base width (768 hidden, 12 heads, 3072 MLP)
 with the ``text.checkpoint_layers`` (6) layers MGCA keeps of Bio_ClinicalBERT. Nothing is downloaded:
 the BERT-base-size tower is built from scratch unless ``--text-checkpoint DIR`` names a local one (the
-FLOPs are the same). The step is the trainer's: bf16 autocast, channels-last images and convolution
-weights, fused AdamW, gradient clipping, the EMA update; ``--compile`` compiles the towers and the
-fusion head in place (``nn.Module.compile``, state-dict keys unchanged) and times after compilation.
+FLOPs are the same). The step is ``LocalTrainer``'s own (``mlip_fed/train/trainer.py``), configured by
+``configs/train/gpu.yaml``: bf16 autocast, channels-last images and convolution weights
+(``train.channels_last``), SDPA attention (``train.attention``), fused AdamW, gradient clipping, the EMA update,
+loss parts read back only at log points; ``--compile`` sets ``train.compile`` (the trainer's
+``compile_towers``) and times after compilation. The pinned host batch is copied to the GPU every step, as the
+training loader's would be.
 
-FLOPs are counted with ``FlopCounterMode`` on one eager step; MFU = FLOPs / median step time / the
-card's dense bf16 peak from :data:`BF16_PEAK_TFLOPS` (an unknown card gets no MFU, and says so).
+FLOPs are counted with ``FlopCounterMode`` on one eager trainer step; MFU = FLOPs / step time / the card's
+dense bf16 peak from :data:`BF16_PEAK_TFLOPS` (an unknown card gets no MFU, and says so). The step time is
+the median over ``--repeats`` blocks of ``--steps`` back-to-back trainer steps, each block ended by one device
+synchronisation (per-step synchronisation would stop the host from running ahead, which the trainer relies on).
 Without CUDA it prints ``no CUDA device: skipped`` and a "not run" row, and exits 0.
 
     python bench/gpu_step.py --archs resnet50 vit_b16 --steps 10 [--compile]
@@ -40,7 +45,8 @@ BF16_PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
     ("H100 PCIe", 756.0),
     ("H100 NVL", 835.0),
     ("H100", 989.0),  # SXM
-    ("H200", 989.0),
+    ("H200 NVL", 835.0),
+    ("H200", 989.0),  # SXM
     ("GH200", 989.0),
     ("B200", 2250.0),
     ("A100", 312.0),
@@ -110,11 +116,15 @@ def experiment_overrides(arch: str, args: argparse.Namespace) -> list[str]:
         overrides += [*BERT_BASE, f"model.text.num_layers={args.text_layers}"]
     if args.batch_size is not None:
         overrides.append(f"train.batch_size={args.batch_size}")
+    overrides += [f"train.device={args.device}", f"train.compile={str(args.compile).lower()}"]
+    if not args.channels_last:
+        overrides.append("train.channels_last=false")
     return overrides
 
 
-def make_batch(model: Any, cfg: Any, device: torch.device, channels_last: bool) -> dict[str, Any]:
-    """A collated batch of random images and real-looking reports (the step's cost does not depend on content)."""
+def make_batch(model: Any, cfg: Any) -> dict[str, Any]:
+    """A collated host batch of random images and real-looking reports (the step's cost does not depend on content),
+    in pinned memory when a GPU is present, as the training loader's ``pin_memory`` gives it."""
     from mlip_fed import pipeline
 
     collator = pipeline.build_collator(model, cfg)
@@ -135,14 +145,9 @@ def make_batch(model: Any, cfg: Any, device: torch.device, channels_last: bool) 
             }
         )
     batch = collator(items)
-    out: dict[str, Any] = {}
-    for key, value in batch.items():
-        if isinstance(value, torch.Tensor):
-            value = value.to(device, non_blocking=True)
-            if channels_last and value.dim() == 4:
-                value = value.contiguous(memory_format=torch.channels_last)
-        out[key] = value
-    return out
+    if torch.cuda.is_available():
+        batch = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    return batch
 
 
 def _sync(device: torch.device) -> None:
@@ -152,48 +157,32 @@ def _sync(device: torch.device) -> None:
 
 def run_arch(arch: str, args: argparse.Namespace, device: torch.device) -> StepResult:
     from mlip_fed import pipeline
-    from mlip_fed.cli.hydra_config import compose_experiment
+    from mlip_fed.config_compose import compose_experiment
+    from mlip_fed.train.trainer import LocalTrainer, compile_towers
 
     cfg = compose_experiment(experiment_overrides(arch, args))
     model = pipeline.build_model(cfg)
-    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-    model = model.to(device=device, memory_format=memory_format).train()
-    batch = make_batch(model, cfg, device, args.channels_last)
+    batch = make_batch(model, cfg)
+    # Compilation comes after the FLOP count (counted on the eager step), so the trainer is built without it and
+    # compiled with its own ``compile_towers``: the same modules ``train.compile=true`` compiles.
+    train_cfg = cfg.train.model_copy(update={"compile": False, "progress_bar": False, "log_every": 10**9})
+    trainer = LocalTrainer(model, train_cfg, total_steps=10**6, device=device)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, fused=True)
-
-    def forward_backward() -> None:
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
-            loss = model(batch).total
-        loss.backward()
-
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        forward_backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
-        optimizer.step()
-        model.update_divergence_encoder()
-
     with FlopCounterMode(display=False) as counter:
-        forward_backward()
-    optimizer.zero_grad(set_to_none=True)
-    if args.compile:
-        for name in ("image_encoder", "divergence_image_encoder", "fusion"):
-            module = getattr(model, name, None)
-            if module is not None:
-                module.compile()
-        model.text_encoder.bert.compile()
-    for _ in range(args.warmup):
-        step()
+        trainer.fit([batch], epochs=1)
+    if cfg.train.compile:
+        compile_towers(model)
+    if args.warmup:
+        trainer.fit([batch] * args.warmup, epochs=1)
     _sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = []
-    for _ in range(args.steps):
+    for _ in range(args.repeats):
         start = time.perf_counter()
-        step()
+        trainer.fit([batch] * args.steps, epochs=1)
         _sync(device)
-        times.append(time.perf_counter() - start)
+        times.append((time.perf_counter() - start) / args.steps)
     if device.type == "cuda":
         peak_mem = torch.cuda.max_memory_allocated(device) / 2**30
         name = torch.cuda.get_device_name(device)
@@ -206,7 +195,7 @@ def run_arch(arch: str, args: argparse.Namespace, device: torch.device) -> StepR
         device_name=name,
         batch=cfg.train.batch_size,
         image_size=cfg.data.image_size,
-        compiled=args.compile,
+        compiled=cfg.train.compile,
         params_m=sum(p.numel() for p in params) / 1e6,
         flops=int(counter.get_total_flops()),
         step_s=statistics.median(times),
@@ -247,7 +236,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--image-size", type=int, default=None, help="default 224 (32 with --tiny)")
     parser.add_argument("--text-layers", type=int, default=6, help="layers of the from-scratch BERT-base tower")
     parser.add_argument("--text-checkpoint", type=Path, default=None, help="local BERT directory (never downloaded)")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps (median)")
+    parser.add_argument("--steps", type=int, default=10, help="trainer steps per timed block")
+    parser.add_argument("--repeats", type=int, default=3, help="timed blocks (the median block is reported)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--compile", action="store_true", help="torch.compile the towers and the fusion head")
     parser.add_argument("--no-channels-last", dest="channels_last", action="store_false")
@@ -258,8 +248,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.image_size = 32 if args.tiny else 224
     if args.tiny and args.batch_size is None:
         args.batch_size = 2
-    if min(args.steps, args.text_layers) < 1 or args.warmup < 0:
-        parser.error("--steps and --text-layers must be >= 1, --warmup >= 0")
+    if min(args.steps, args.repeats, args.text_layers) < 1 or args.warmup < 0:
+        parser.error("--steps, --repeats and --text-layers must be >= 1, --warmup >= 0")
     return args
 
 
@@ -281,9 +271,9 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cudnn.allow_tf32 = True
     results = [run_arch(arch, args, device) for arch in args.archs]
     print(
-        f"Command: `{command.strip()}` — torch {torch.__version__}, bf16 autocast, "
-        f"{'channels-last' if args.channels_last else 'contiguous'}, fused AdamW, all five objectives, text tower "
-        f"{_text_tower(args)}; median of "
+        f"Command: `{command.strip()}` — torch {torch.__version__}; LocalTrainer's step with configs/train/gpu.yaml "
+        f"(bf16 autocast, {'channels-last' if args.channels_last else 'contiguous'}, SDPA attention, fused AdamW on "
+        f"CUDA), all five objectives, text tower {_text_tower(args)}; median over {args.repeats} blocks of "
         f"{args.steps} steps after {args.warmup} warm-up."
     )
     print()

@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(run_point(json.loads(args.point))))
         return 0
 
-    from mlip_fed.federation.report import replace_docs_block
+    from bench.docs_block import replace_block
 
     work = Path(tempfile.mkdtemp(prefix="growth_"))
     values = {"sites": args.sites, "image": args.image_sizes, "studies": args.studies}
@@ -240,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     text = "\n".join(lines).rstrip()
-    replace_docs_block(args.doc, "growth", text)
+    replace_block(args.doc, "growth", text)
     if args.json:
         args.json.write_text(json.dumps(everything, indent=1))
     print(text)

@@ -279,8 +279,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _marker(split: str) -> str:
-    return f"<!-- bench/labeler_iu.py table split={split} -->"
+def block_name(split: str) -> str:
+    """The docs block of one split's table."""
+    return f"labeler_iu_{split}"
 
 
 _SPLIT_WORDS = {
@@ -291,25 +292,16 @@ _SPLIT_WORDS = {
 
 
 def _write_doc(path: Path, split: str, lines: list[str], kept: int, total: int, rows: int, command: str) -> None:
-    """Replace the block between this split's markers so the rest of the page survives reruns."""
-    marker = _marker(split)
+    """Replace this split's block so the rest of the page survives reruns."""
+    from bench.docs_block import replace_block
+
     block = [
-        marker,
         f"Made by `{command}`: {_SPLIT_WORDS[split]} ({total} of {rows} reports; {kept} scored, i.e. with",
         "findings or impression text and a MeSH indexing other than `No Indexing`).",
         "",
         *lines,
-        marker,
     ]
-    text = path.read_text(encoding="utf-8") if path.is_file() else ""
-    if text.count(marker) == 2:
-        head, _, rest = text.partition(marker)
-        _, _, tail = rest.partition(marker)
-        text = head + "\n".join(block) + tail
-    else:
-        text = (text.rstrip() + "\n\n" if text else "# Labeler\n\n") + "\n".join(block) + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
+    replace_block(path, block_name(split), "\n".join(block))
 
 
 if __name__ == "__main__":

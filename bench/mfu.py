@@ -35,7 +35,7 @@ def build_step(
 ) -> tuple[Any, dict[str, Any], Callable[[], None]]:
     """The CPU default config with ``model=arch``, one collated batch of SynthCXR, and a bare training step."""
     from mlip_fed import pipeline
-    from mlip_fed.cli.hydra_config import compose_experiment
+    from mlip_fed.config_compose import compose_experiment
 
     cfg = compose_experiment(
         [

@@ -18,11 +18,9 @@ the report still shows the last result of the others (with when it was taken).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import shlex
-import signal
 import subprocess
 import sys
 import time
@@ -36,6 +34,8 @@ sys.path.insert(0, str(REPO))
 
 from bench import _report  # noqa: E402
 from bench._report import Goal, at_least, at_most, column, metric, reported  # noqa: E402
+from bench.docs_block import replace_block  # noqa: E402
+from mlip_fed.process_tree import kill_tree  # noqa: E402
 
 #: The issue's wall-clock budget for ``make bench`` on this 2-core machine.
 TOTAL_BUDGET_S = 1200.0
@@ -101,35 +101,27 @@ LEFT_OUT: dict[str, str] = {
     "budget the AUROC gap is noise. Its table in docs/federation.md comes from its own command.",
 }
 
+#: Standing analysis under the MFU table. Only words: a generated block holds only what this run measured; the
+#: figures seen while developing are in docs/step_cost.md ("MFU findings while developing"), with their command.
 MFU_NOTES = """
-**Reading the MFU figures.** The counted FLOPs are the same for both towers (about 52 and 45 GFLOP per step at
-batch 32): at 64² the image tower is small, and most of the work is the 4-layer, 128-wide text tower run twice
-(report and counterfactual) plus the ITM fusion over 3 × 32 pairs, i.e. thousands of GEMMs with an inner
-dimension of 128-256. Such GEMMs reach a large share of the square-GEMM peak on one core, but their per-call
-cost is small enough that OpenMP synchronisation between the two threads shows. Findings while developing
-(`bench/mfu.py --steps 3`, CPU shared with four other engineers, load average 4-9 on 2 cores, so read ratios
-only): at 2 torch threads a step took 7.3 s (vit_tiny) and 6.5 s (resnet_tiny), MFU 17 %; at **1 thread the same
-step took 2.2 s and 1.9 s, MFU 44-47 %** of the 1-thread GEMM peak measured in the same run. When the cores are
-oversubscribed, a second OpenMP thread mostly waits for the first (spin barriers of thousands of small ops), so
-`train.num_threads=1` per process is the fix for a shared machine and for simulations with more sites than
-cores (Flower's simulation already gives each ClientApp 1 CPU). The fastest 2-thread vit_tiny step seen
-(0.92 s, load average under 1 when it started) is 56 GFLOP/s, 34 % of the 164 GFLOP/s GEMM peak measured on the quiet machine:
-the ≥ 30 % goal is within reach of the default only when nothing else runs. The figures in the table above come
-from the `make bench` run and carry its load (see Machine). `--flush-denormal` changed nothing (6.5 vs
-7.3 s, within the noise): denormals are not the cause. The profile (`--profile`) puts `aten::mm`/`bmm`/`addmm`
-first, then `aten::copy_` (about 1,400 calls per step, 10-16 % under load; not yet traced to its callers, the
-next thing to look at) and `aten::bernoulli_`, 4-15 % of op time: the text tower's 0.1 dropout (BERT's
-default; 26 dropout masks per step, the attention-probability masks the largest). That is a modelling choice, left as it is; the
-divergence (EMA) tower's no-grad forward is about 4 % of the FLOPs, and the EMA update is elementwise work over
-the image tower's parameters (under a million), small next to the step. On a quiet machine `make bench`
-measures the 2-thread default against the 2-thread GEMM peak.
+**Reading the MFU figures.** The counted FLOPs are nearly the same for both towers: at the CPU image size the image
+tower is small, and most of the work is the text tower run twice (report and counterfactual) plus the ITM fusion, i.e.
+thousands of GEMMs with a small inner dimension. Such GEMMs reach a large share of the square-GEMM peak on one
+core, but their per-call cost is small enough that OpenMP synchronisation between threads shows, most when other
+jobs share the cores (see the load average under Machine): then a second OpenMP thread mostly waits for the
+first, so `train.num_threads=1` per process is the fix for a shared machine and for simulations with more sites
+than cores (Flower's simulation already gives each ClientApp one CPU). The profile table above (`--profile`)
+says where the op time of this run went. Figures seen while developing are in `docs/step_cost.md`.
 """
 
 GPU_NOTES = """
-Not run for this page's figures: no GPU was lent to the task that wrote this harness, so the row above says
-"not run". On a machine with one NVIDIA GPU the same command runs unchanged; add `--compile` for a second row
-with `torch.compile`. The card's bf16 peak comes from `BF16_PEAK_TFLOPS` in `bench/gpu_step.py` (H100 SXM and
-H200 989 TFLOP/s dense, A100 312); an unknown card gets its images/s and memory but no MFU.
+On a machine with one NVIDIA GPU the same command runs unchanged; add `--compile` for a second row with
+`torch.compile`. The step timed is `LocalTrainer`'s own with `configs/train/gpu.yaml` (channels-last, SDPA
+attention, fused AdamW, losses read back only at log points). The card's bf16 peak comes from `BF16_PEAK_TFLOPS`
+in `bench/gpu_step.py` (vendor figures, not measured: H100/H200 SXM 989, H100/H200 NVL 835, H100 PCIe 756 dense
+TFLOP/s); an unknown card gets its images/s and memory but no MFU. `bench/gpu_check.sh` runs this bench with the
+rest of the GPU path (bf16 pretraining and resume, a DP step, a 2-site federation on one GPU, `--compile`) in at
+most 9 minutes and writes `runs/gpu_check/summary.md`.
 """
 
 REGISTRY: tuple[Bench, ...] = (
@@ -335,22 +327,6 @@ REGISTRY: tuple[Bench, ...] = (
 )
 
 
-def _kill_tree(pid: int) -> None:
-    """SIGKILL a bench, its process group and every descendant, by PID.
-
-    The process group alone is not enough: ``mlip-client`` starts each SuperNode in a session of its own, and
-    those would outlive the bench (reparented to init) if only the group were killed.
-    """
-    from mlip_fed.federation.simulation import descendants
-
-    pids = [*reversed(descendants(pid)), pid]  # collected before anything dies and is reparented
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pid, signal.SIGKILL)
-    for child in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(child, signal.SIGKILL)
-
-
 def run_bench(bench: Bench, python: str, repo: Path, env: dict[str, str] | None = None) -> BenchResult:
     """Run one bench as a subprocess and record what it printed, how it ended and how long it took."""
     display = bench.display_command()
@@ -386,7 +362,7 @@ def run_bench(bench: Bench, python: str, repo: Path, env: dict[str, str] | None 
     try:
         stdout, stderr = proc.communicate(timeout=limit)
     except subprocess.TimeoutExpired:
-        _kill_tree(proc.pid)
+        kill_tree(proc.pid)
         stdout, stderr = proc.communicate()
         return BenchResult(
             **{**base, "stdout": stdout, "stderr_tail": stderr[-3000:]},
@@ -396,7 +372,7 @@ def run_bench(bench: Bench, python: str, repo: Path, env: dict[str, str] | None 
             reason=f"killed after {limit:.0f} s ({HARD_LIMIT_FACTOR:g}× its budget)",
         )
     except BaseException:  # Ctrl-C: the bench is in its own session and would not see it
-        _kill_tree(proc.pid)
+        kill_tree(proc.pid)
         raise
     wall = time.perf_counter() - start
     status = "ok" if proc.returncode == 0 else "failed"
@@ -495,7 +471,7 @@ def main(
         page_path=args.out,
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(page, encoding="utf-8")
+    replace_block(args.out, "make_bench", page)  # the page's other sections (and their own blocks) stay
     failed = [r.name for r in results.values() if r.name in ran and r.failed]
     log(f"wrote {args.out}")
     if failed:

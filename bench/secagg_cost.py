@@ -16,12 +16,13 @@ import os
 import shutil
 import sys
 import tempfile
-import threading
 from pathlib import Path
 from typing import Any
 
-from mlip_fed.federation.report import replace_docs_block
-from mlip_fed.federation.simulation import run_flwr_simulation, superlink_tree_rss_bytes
+from bench.docs_block import replace_block
+from bench.rss import peak_tree_rss
+from mlip_fed.federation.simulation import run_flwr_simulation
+from mlip_fed.federation.superlink_tree import superlink_pids
 
 REPO = Path(__file__).resolve().parents[1]
 BLOCK = "secagg_cost"
@@ -30,15 +31,6 @@ BLOCK = "secagg_cost"
 def run_one(work: Path, secure: bool, sites: int, studies: int, rounds: int, max_examples: int) -> dict[str, Any]:
     name = "secagg" if secure else "plain"
     flwr_home = work / f"home_{name}"
-    peak = [0]
-    done = threading.Event()
-
-    def sample() -> None:
-        while not done.wait(0.5):
-            peak[0] = max(peak[0], superlink_tree_rss_bytes(flwr_home))
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
     overrides = [
         f"data.root={work / 'data'}",  # same SynthCXR data for both runs
         f"data.synthetic.num_sites={sites}",
@@ -49,7 +41,7 @@ def run_one(work: Path, secure: bool, sites: int, studies: int, rounds: int, max
     ]
     if secure:
         overrides += ["federation.secure_aggregation=true", f"federation.secagg_max_examples={max_examples}"]
-    try:
+    with peak_tree_rss(lambda: superlink_pids(flwr_home)) as peak:
         result = run_flwr_simulation(
             REPO,
             output_dir=work / f"run_{name}",
@@ -60,13 +52,10 @@ def run_one(work: Path, secure: bool, sites: int, studies: int, rounds: int, max
             timeout_s=900,
             flwr_home=flwr_home,
         )
-    finally:
-        done.set()
-        sampler.join()
     if not result.ok:
         raise RuntimeError(f"{name} run failed: {result.failure_reason()}")
     assert result.results is not None
-    return {"name": name, "results": result.results, "wall": result.seconds, "peak_rss": peak[0]}
+    return {"name": name, "results": result.results, "wall": result.seconds, "peak_rss": peak.bytes}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     for run in runs:
         lines.append(f"| {run['name']} | {run['wall']:.0f} | {run['peak_rss'] / 2**30:.2f} GiB |")
     table = "\n".join(lines)
-    replace_docs_block(args.doc, BLOCK, table)
+    replace_block(args.doc, BLOCK, table)
     print(table)
     return 0
 

@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     import mlip_fed
-    from mlip_fed.cli.hydra_config import compose_experiment
+    from mlip_fed.config_compose import compose_experiment
     from mlip_fed.federation.payload import RoundRequest
     from mlip_fed.federation.site import SiteRuntime, initial_global_state
 

@@ -13,8 +13,8 @@ other row runs from this checkout, cumulatively:
 
 Each variant runs in its own process; variants are interleaved over ``--rounds`` so drifting load hits
 them alike; the table shows the median over rounds of each run's median step time, and the
-projected wall time of 2,000 steps. Writes ``docs/step_cost.md`` between ``<!-- BEGIN step_cost -->``
-and ``<!-- END step_cost -->``.
+projected wall time of 2,000 steps. Writes the ``step_cost`` block of ``docs/step_cost.md``
+(``bench.docs_block``).
 
     python bench/step_cost.py --baseline-rev 2683b8a --archs resnet_tiny vit_tiny --steps 8 --rounds 3
 """
@@ -110,9 +110,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     table = render(args, runs, machine_line(hw))
     print(table)
     if not args.no_doc:
-        from mlip_fed.federation.report import replace_docs_block
+        from bench.docs_block import replace_block
 
-        replace_docs_block(args.out, BLOCK, table)
+        replace_block(args.out, BLOCK, table)
         print(f"wrote {args.out}")
     return 0
 

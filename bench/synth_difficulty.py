@@ -24,10 +24,10 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.preprocessing import StandardScaler
 
-from mlip_fed.data.synthetic import generate_federation
+from mlip_fed.data.synthetic.write import generate_federation
 from mlip_fed.knowledge.kb import CHEXPERT_CATEGORIES
 
-BEGIN, END = "<!-- bench:synth_difficulty:begin -->", "<!-- bench:synth_difficulty:end -->"
+BLOCK = "synth_difficulty"
 
 
 def load(manifests: list[Path], resolution: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -103,12 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     table = "\n".join(lines)
     print(table)
     if not args.no_doc:
-        text = args.doc.read_text(encoding="utf-8") if args.doc.exists() else f"{BEGIN}\n{END}\n"
-        if BEGIN not in text or END not in text:
-            raise SystemExit(f"{args.doc}: markers {BEGIN} / {END} not found")
-        head, rest = text.split(BEGIN, 1)
-        _, tail = rest.split(END, 1)
-        args.doc.write_text(f"{head}{BEGIN}\n{table}\n{END}{tail}", encoding="utf-8")
+        from bench.docs_block import replace_block
+
+        replace_block(args.doc, BLOCK, table)
     return 0
 
 

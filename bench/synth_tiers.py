@@ -12,8 +12,8 @@ differ) is generated, then
 
 AUROC per category with 1.0 and -1.0 as positive (the finding is drawn; the probe's ``u_ones``). With
 ``--split val`` a seeded fifth of the train patients is held out and scored instead of the test split:
-tune on that, report on ``--split test``. Writes the calibration table to ``docs/synthcxr.md`` between
-``<!-- bench:synth_tiers:begin -->`` and ``<!-- bench:synth_tiers:end -->`` (only for ``--split test``).
+tune on that, report on ``--split test``. Writes the calibration table into the ``synth_tiers`` block of ``docs/synthcxr.md``
+(``bench.docs_block``; only for ``--split test``).
 
     python bench/synth_tiers.py --tiers standard cpu --studies-per-site 300 --steps 500 --threads 1
 """
@@ -184,7 +184,7 @@ def macro(values: dict[str, float]) -> float:
 
 def run_tier(tier: str, root: Path, args: argparse.Namespace) -> dict[str, Any]:
     from mlip_fed import pipeline
-    from mlip_fed.cli.hydra_config import compose_experiment
+    from mlip_fed.config_compose import compose_experiment
 
     cfg = compose_experiment(_overrides(tier, root / tier, args))
     start, cpu = time.perf_counter(), time.process_time()
@@ -281,10 +281,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     table = render(results, args, command)
     print(table)
     if not args.no_doc and args.split == "test":
-        from bench.ablation import _replace_block
+        from bench.docs_block import replace_block
 
-        block = f"<!-- bench:{BLOCK}:begin -->\n{table}\n<!-- bench:{BLOCK}:end -->"
-        _replace_block(args.doc, BLOCK, block, title="# SynthCXR\n", heading="## Difficulty tiers")
+        replace_block(args.doc, BLOCK, table, heading="## Difficulty tiers")
     return 0
 
 

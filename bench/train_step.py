@@ -36,7 +36,7 @@ def measure(arch: str, args: argparse.Namespace) -> dict[str, float]:
     import torch
 
     from mlip_fed import pipeline
-    from mlip_fed.cli.hydra_config import compose_experiment
+    from mlip_fed.config_compose import compose_experiment
     from mlip_fed.train.trainer import LocalTrainer
 
     torch.set_num_threads(args.threads)
@@ -115,18 +115,16 @@ def main(argv: list[str] | None = None) -> int:
 
     block = "\n".join(
         [
-            "<!-- bench:train_step:begin -->",
             f"Command: `{command}` — all five objectives, batch {args.batch_size}, 64², {args.threads} torch threads, "
             f"{platform.processor() or platform.machine()}, torch {torch.__version__}. Peak RSS is the whole bench "
             "process (cumulative over the rows above it).",
             "",
             *lines,
-            "<!-- bench:train_step:end -->",
         ]
     )
-    from bench.ablation import _replace_block
+    from bench.docs_block import replace_block
 
-    _replace_block(args.out, "train_step", block, title="# Results on SynthCXR\n", heading="## Training step cost")
+    replace_block(args.out, "train_step", block, heading="## Training step cost")
     print("\n".join(lines))
     return 0
 

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import logging
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
-from flwr.app import Context, Error, Message
+from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 
@@ -21,7 +22,7 @@ from client.secagg import is_secure_request, secagg_mod, secure_train
 from mlip_fed.federation.payload import format_site_error
 from mlip_fed.federation.run_config import experiment_from_run_config
 from mlip_fed.federation.site import SiteRuntime
-from server.codec import decode_request, encode_update, transport_dtype_of
+from mlip_wire.codec import decode_request, encode_evaluation, encode_update, transport_dtype_of
 
 logger = logging.getLogger("mlip_fed.client")
 
@@ -30,6 +31,13 @@ app = ClientApp()
 #: One runtime per (run, site) per worker process: data and model are built once, not every round.
 #: Everything that must survive the process is on the site's disk (``SiteRuntime.state_dir``).
 _RUNTIMES: dict[tuple[int, int | str], SiteRuntime] = {}
+
+
+def _site_log(line: str) -> None:
+    """A site's own lines (``[site_k] round r: ...``): printed, so they reach ``mlip-client``'s console and log and,
+    in simulation, the run's stream (Ray forwards actor stdout). INFO records of ``logging`` would be dropped: the
+    ClientApp process configures no handler for them."""
+    print(line, flush=True)
 
 
 def site_index_from_node_config(node_config: dict[str, object], num_sites: int) -> int:
@@ -58,7 +66,7 @@ def _deployed_runtime(context: Context, site_config: str) -> SiteRuntime:
     if key not in _RUNTIMES:
         run = experiment_from_run_config(context.run_config, resolve_paths=False)
         cfg = site_experiment(site, run.cfg)
-        runtime = SiteRuntime(cfg, None, site.state_dir, log=lambda line: logger.info(line))
+        runtime = SiteRuntime(cfg, None, site.state_dir, log=_site_log)
         runtime.site_id = site.site_id  # SiteRuntime names pooled data "central"; a deployed site has its own id
         _RUNTIMES[key] = runtime
     return _RUNTIMES[key]
@@ -73,12 +81,34 @@ def _runtime(context: Context) -> SiteRuntime:
     key = (int(context.run_id), index)
     if key not in _RUNTIMES:
         state_dir = Path(run.output_dir) / "sites" / f"site_{index}"
-        _RUNTIMES[key] = SiteRuntime(run.cfg, index, state_dir, log=lambda line: logger.info(line))
+        _RUNTIMES[key] = SiteRuntime(run.cfg, index, state_dir, log=_site_log)
     return _RUNTIMES[key]
 
 
 @app.train(mods=[secagg_mod])  # SecAgg+ messages only; plain rounds pass straight through
 def train(msg: Message, context: Context) -> Message:
+    def work(runtime: SiteRuntime) -> RecordDict:
+        if is_secure_request(msg.content):  # legacy FitIns from the SecAgg+ workflow: reply FitRes for the mod to mask
+            return secure_train(runtime, msg.content)
+        update = runtime.train_round(decode_request(msg.content))
+        return encode_update(update, transport_dtype_of(msg.content))
+
+    return _answer(msg, context, work, "round")
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """The global model scored on this site's own test split, if the site's policy releases evaluation metrics."""
+    return _answer(
+        msg,
+        context,
+        lambda runtime: encode_evaluation(runtime.evaluate_round(decode_request(msg.content))),
+        "evaluation",
+    )
+
+
+def _answer(msg: Message, context: Context, work: Callable[[SiteRuntime], RecordDict], what: str) -> Message:
+    """Run ``work`` on this site's runtime; a failure becomes an error reply naming the site (public code under DP)."""
     site_id = f"site_{context.node_config.get('partition-id', '?')}"
     if "site-config" in context.node_config:
         site_id = Path(str(context.node_config["site-config"])).stem
@@ -86,12 +116,9 @@ def train(msg: Message, context: Context) -> Message:
     try:
         runtime = _runtime(context)
         site_id = runtime.site_id
-        if is_secure_request(msg.content):  # legacy FitIns from the SecAgg+ workflow: reply FitRes for the mod to mask
-            return Message(secure_train(runtime, msg.content), reply_to=msg)
-        update = runtime.train_round(decode_request(msg.content))
-        return Message(encode_update(update, transport_dtype_of(msg.content)), reply_to=msg)
+        return Message(work(runtime), reply_to=msg)
     except Exception as err:  # reply with the site id; the server leaves this site out and lists it
-        logger.error("%s failed in round %s:\n%s", site_id, msg.metadata.group_id, traceback.format_exc())
+        logger.error("%s failed in %s %s:\n%s", site_id, what, msg.metadata.group_id, traceback.format_exc())
         # Under DP only a public reason code leaves the site; the message above stays in the site's log.
         private = runtime.dp if runtime is not None else _dp_policy(context)
         reason = format_site_error(site_id, err, private=private)

@@ -6,8 +6,8 @@ the Message-API port is unmerged): the server's ``SecAggPlusWorkflow`` sends fou
 train handler once, with legacy ``FitIns`` content, masking the ``FitRes`` parameters it returns. Applied to a plain
 message it fails (``KeyError: 'secaggplus_configs'``), hence ``secagg_mod`` applies it only when the record is there.
 
-What leaves the site in the clear: the FitRes metrics below (site id, timings, the DP site's public epsilon and
-schedule) and ``num_examples = 1``. Weights, bank sums and counts, the example count and the loss are masked
+What leaves the site in the clear: the FitRes metrics of ``mlip_wire.codec.CLEAR_METRICS`` (site id, timings, the DP
+site's public epsilon and schedule) and ``num_examples = 1``. Weights, bank sums and counts, the example count and the loss are masked
 (``mlip_fed.federation.secure_payload``).
 """
 
@@ -19,29 +19,14 @@ from typing import TYPE_CHECKING, Any
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.common.constant import ErrorCode
 
+from mlip_wire.codec import CLEAR_METRICS, LAYOUT_KEY, MAX_EXAMPLES_KEY, SITE_ID_METRIC
+
 if TYPE_CHECKING:
     from mlip_fed.federation.site import SiteRuntime
 
 #: Flower's ``flwr.common.secure_aggregation.secaggplus_constants.RECORD_KEY_CONFIGS`` (checked in the tests): a
 #: literal here so a plain round does not import the SecAgg+ and legacy modules at all.
 RECORD_KEY_CONFIGS = "secaggplus_configs"
-
-#: FitIns config keys that carry the flattened request's layout and the public example bound.
-LAYOUT_KEY = "secagg-layout"
-MAX_EXAMPLES_KEY = "secagg-max-examples"
-#: Site metrics that may travel in the clear beside the masked vector: timings and a DP site's public accounting.
-CLEAR_METRICS = (
-    "train_seconds",
-    "handler_seconds",
-    "train_steps",
-    "epsilon",
-    "epsilon_rdp",
-    "epsilon_prv",
-    "delta",
-    "noise_multiplier",
-    "sample_rate",
-)
-SITE_ID_METRIC = "site-id"
 
 
 class SecureRoundFailed(RuntimeError):

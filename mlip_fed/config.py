@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from mlip_fed.eval.report import EvalConfig
+from mlip_fed.eval.config import EvalConfig
 from mlip_fed.model.config import ModelConfig
 
 
@@ -25,7 +25,7 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-#: SynthCXR difficulty tiers; kept equal to ``mlip_fed.data.synthetic.DIFFICULTY_NAMES`` (tested), spelled out here so
+#: SynthCXR difficulty tiers; kept equal to ``mlip_fed.data.synthetic.findings.DIFFICULTY_NAMES`` (tested), spelled out here so
 #: reading a config never imports the generator.
 SynthDifficulty = Literal["standard", "cpu"]
 
@@ -38,7 +38,7 @@ class SyntheticDataConfig(_Strict):
     seed: int = 0
     dirichlet_alpha: float | None = Field(default=None, gt=0)
     test_fraction: float = Field(default=0.2, gt=0, lt=1)
-    #: How visible findings are (``mlip_fed.data.synthetic.DIFFICULTY_TIERS``): ``standard`` (raw-pixel calibrated)
+    #: How visible findings are (``mlip_fed.data.synthetic.findings.DIFFICULTY_TIERS``): ``standard`` (raw-pixel calibrated)
     #: or ``cpu`` (learnable by the CPU default tower at 64² in minutes). Same studies, reports and labels in both.
     difficulty: SynthDifficulty = "standard"
 
@@ -53,7 +53,20 @@ class DataConfig(_Strict):
     manifest: Path | None = None
     reports_root: Path | None = None
     image_size: int = Field(default=64, ge=16, le=1024)
+    #: Loader worker processes decoding and augmenting studies (0: in the training process). The GPU config uses
+    #: several: MONAI augmentation at 224² costs tens of ms per study on one core (docs/performance.md).
     num_workers: int = Field(default=0, ge=0, le=64)
+    #: Keep the workers (and their per-record caches of the deterministic transform head) alive between epochs and
+    #: rounds; augmentation stays seeded per (epoch, worker), so resuming mid-epoch is exact either way.
+    persistent_workers: bool = True
+    #: Batches each worker prepares ahead.
+    prefetch_factor: int = Field(default=2, ge=1, le=64)
+    #: Page-locked batches, so the copy to the GPU is asynchronous: None = when training on CUDA.
+    pin_memory: bool | None = None
+    #: Run the random augmentation (crop, rotation, intensity jitter) batched on the training device
+    #: (``data.device_augment.DeviceAugment``) instead of per study in the loader, which then only resizes and pads:
+    #: same distributions, far fewer CPU cores per GPU (docs/performance.md). On in configs/train/gpu.yaml.
+    augment_on_device: bool = False
     synthetic: SyntheticDataConfig = SyntheticDataConfig()
 
     @model_validator(mode="after")
@@ -93,6 +106,15 @@ class TrainConfig(_Strict):
     resume: bool = True
     #: Save a resumable checkpoint every this many optimiser steps (and at every epoch end).
     checkpoint_every_steps: int = Field(default=200, ge=1)
+    #: Convolution weights and image batches in channels-last (NHWC) memory: what cuDNN's bf16 tensor-core kernels
+    #: want (on in configs/train/gpu.yaml); numerically the same convolution, only the layout differs.
+    channels_last: bool = False
+    #: ``torch.compile`` the towers and the fusion head (``mlip_fed.train.trainer.compile_towers``). Off by default:
+    #: the first steps pay the compilation, and it is refused with a DP mechanism (Opacus' per-sample hooks).
+    compile: bool = False
+    #: Text-tower attention: "eager" (the maps come from the attention op itself) or "sdpa" (PyTorch's fused kernel;
+    #: the last layer's [CLS] attention is recomputed for the word weights). The fusion head always uses SDPA.
+    attention: Literal["eager", "sdpa"] = "eager"
 
     @model_validator(mode="after")
     def _lr_order(self) -> TrainConfig:
@@ -131,6 +153,18 @@ class PrivacyPolicy(_Strict):
     #: DEBUG ONLY. Derive the noise, Poisson sample and dropout from (seed, site, run id, round): reproducible, and
     #: therefore NOT PRIVATE against the server, which knows those values. Warned every round, marked in the ledger.
     insecure_reproducible_noise: bool = False
+    #: Whether this site answers evaluation requests (metrics of the global model on its own test split). Those
+    #: metrics are computed on private data and no accountant charges them, so under a DP mechanism the default
+    #: (None) is to refuse; ``true`` releases them outside epsilon (said in the site's log every time), ``false``
+    #: refuses them also without DP.
+    release_evaluation: bool | None = None
+
+    @property
+    def evaluation_released(self) -> bool:
+        """The effective switch: explicit, else on without DP and off under DP."""
+        if self.release_evaluation is not None:
+            return self.release_evaluation
+        return self.mechanism == "none"
 
     @model_validator(mode="after")
     def _dp_needs_budget(self) -> PrivacyPolicy:
@@ -158,7 +192,18 @@ class FederationConfig(_Strict):
     #: A category with fewer pooled members than this keeps its previous prototype.
     bank_min_count: int = Field(default=5, ge=1)
     round_timeout_s: float = Field(default=3600.0, gt=0)
+    #: Evaluate the global model at round 0, every this many rounds (0: no intermediate round) and at the last.
     evaluate_every: int = Field(default=1, ge=0)
+    #: Each site scores the global model on its own test split and returns metrics with counts (``@app.evaluate``,
+    #: ``federation/site_evaluation.py``); the server aggregates them. Where the labelled data is: at the hospitals.
+    site_evaluation: bool = True
+    #: The server also evaluates on a set it holds itself (``data.*`` of the server's experiment): simulations, or a
+    #: public test set. Off by default: a deployed server holds no patient data, and this would read whatever its
+    #: data config names.
+    server_evaluation: bool = False
+    #: Studies of a site's train split its linear probe is fitted on (a seeded subset when the split is larger): one
+    #: evaluation costs one encoder pass over these plus the test split.
+    site_evaluation_max_train: int = Field(default=2000, ge=10)
     resume: bool = False
     #: Client-level DP (DP-FedAvg, ``federation/client_dp.py``): clip each site's update to the norm, average with
     #: equal weights, add server-side Gaussian noise; reported apart from the sites' sample-level epsilon.
@@ -208,7 +253,7 @@ class FederationConfig(_Strict):
             )
         return self
 
-    #: Wire dtype of floating weights and bank tensors (``server/codec.py``), both directions; restored to float32 on
+    #: Wire dtype of floating weights and bank tensors (``mlip_wire/codec.py``), both directions; restored to float32 on
     #: arrival. float16/bfloat16 halve the bytes per round; integer tensors (counts, flags) always travel as they are.
     transport_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
 
@@ -233,6 +278,11 @@ class ExperimentConfig(_Strict):
             raise ValueError(
                 f"model.image.image_size={self.model.image.image_size} differs from "
                 f"data.image_size={self.data.image_size}; the encoder must see the size the data is resized to"
+            )
+        if self.train.compile and self.privacy.mechanism != "none":
+            raise ValueError(
+                f"train.compile=true with privacy.mechanism={self.privacy.mechanism!r}: the DP engine's per-sample "
+                "gradient hooks are not compiled; set train.compile=false"
             )
         return self
 

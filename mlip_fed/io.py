@@ -78,8 +78,9 @@ def _fsync_dir(directory: Path) -> None:
 def _json_default(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
-    if hasattr(obj, "item") and callable(obj.item):
-        return obj.item()
+    # tolist() first: a 0-d tensor or numpy scalar gives a number, a larger one a list (item() would raise).
     if hasattr(obj, "tolist") and callable(obj.tolist):
         return obj.tolist()
+    if hasattr(obj, "item") and callable(obj.item):
+        return obj.item()
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")

@@ -15,12 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, RandomSampler
 
 from mlip_fed.config import DataConfig, ExperimentConfig
 from mlip_fed.data.dataset import ImageReportDataset
 from mlip_fed.data.records import SkipReport, StudyRecord
-from mlip_fed.data.transforms import build_transforms, build_view_pair
+from mlip_fed.data.transforms import build_device_head, build_transforms, build_view_pair
+from mlip_fed.model.config import ModelConfig
 
 
 @dataclass
@@ -36,7 +37,7 @@ class SiteData:
 # ---------------------------------------------------------------------------- records
 def synthetic_manifests(data: DataConfig) -> list[Path]:
     """Generate the SynthCXR federation once (under a lock: sites may start together), return its manifests."""
-    from mlip_fed.data.synthetic import generate_federation
+    from mlip_fed.data.synthetic.write import generate_federation
 
     root = Path(data.root)
     syn = data.synthetic
@@ -123,9 +124,18 @@ def _file_lock(path: Path) -> Iterator[None]:
 
 # ---------------------------------------------------------------------------- datasets and loaders
 def train_dataset(records: Sequence[StudyRecord], cfg: ExperimentConfig) -> ImageReportDataset:
-    first, second = build_view_pair(cfg.data.image_size, seed=cfg.seed)
+    """The training dataset: MONAI augmentation per study, or with ``data.augment_on_device`` only the cheap
+    deterministic head, the random part left to the trainer on the batch (``dataset.device_augment``)."""
     itc = cfg.model.objectives.global_itc
-    if not (itc.enabled and itc.divergence):  # only the divergence encoder reads a second view
+    two_views = itc.enabled and itc.divergence  # only the divergence encoder reads a second view
+    if cfg.data.augment_on_device:
+        from mlip_fed.data.device_augment import DeviceAugment
+
+        # One image per study: the trainer draws the second view from it on the device.
+        augment = DeviceAugment(second_view=two_views)
+        return ImageReportDataset(records, build_device_head(cfg.data.image_size), device_augment=augment)
+    first, second = build_view_pair(cfg.data.image_size, seed=cfg.seed)
+    if not two_views:
         return ImageReportDataset(records, first)
     return ImageReportDataset(records, first, second)
 
@@ -139,16 +149,47 @@ def eval_dataset(records: Sequence[StudyRecord], cfg: ExperimentConfig, with_mas
     return dataset
 
 
+def loader_options(cfg: ExperimentConfig, num_workers: int | None = None) -> dict[str, Any]:
+    """``DataLoader`` keyword arguments of the data path (``data.*``), shared by the training, DP and bank-statistics
+    loaders: workers (each seeded by ``seed_worker``, and per epoch by the dataset itself), persistence and prefetch
+    when there are workers, page-locked memory when the batches go to a GPU."""
+    workers = cfg.data.num_workers if num_workers is None else num_workers
+    pin = cfg.data.pin_memory
+    if pin is None:
+        pin = cfg.train.device != "cpu" and torch.cuda.is_available()
+    options: dict[str, Any] = {"num_workers": workers, "pin_memory": pin}
+    if workers > 0:
+        from mlip_fed.data.dataset import seed_worker
+
+        options.update(
+            persistent_workers=cfg.data.persistent_workers,
+            prefetch_factor=cfg.data.prefetch_factor,
+            worker_init_fn=seed_worker,
+        )
+    return options
+
+
 def train_loader(dataset: ImageReportDataset, collator: Any, cfg: ExperimentConfig) -> DataLoader:
+    """The shuffled training loader; the trainer reseeds ``loader.sampler.generator`` every epoch.
+
+    With workers the sampler gets a generator of its own: a DataLoader iterator draws its workers' base seed from
+    the loader's generator when it is created, which persistent workers do once and fresh ones every epoch, so a
+    shared generator would shuffle an epoch differently in a resumed run. (Workers seed their augmentation from the
+    epoch seed instead, ``ImageReportDataset.reseed``.) Without workers the loader is as it always was."""
     generator = torch.Generator().manual_seed(cfg.train.seed)
+    options = loader_options(cfg)
+    if options["num_workers"] > 0:
+        sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(cfg.train.seed))
+        options.update(sampler=sampler)
+    else:
+        options.update(shuffle=True)
     return DataLoader(
         dataset,
         batch_size=cfg.train.batch_size,
-        shuffle=True,
         drop_last=len(dataset) > cfg.train.batch_size,
-        num_workers=cfg.data.num_workers,
         collate_fn=collator,
         generator=generator,
+        **options,
     )
 
 
@@ -163,11 +204,25 @@ def configure_threads(cfg: ExperimentConfig) -> None:
         torch.set_num_threads(cfg.train.num_threads)
 
 
-def build_model(cfg: ExperimentConfig) -> Any:
-    """The MLIP model; identical initial weights wherever it is built with the same config (seeded)."""
+def build_tokenizer(model: ModelConfig) -> Any:
+    """The text tower's tokenizer: the pretrained checkpoint's own, else the packaged WordPiece vocabulary."""
+    from mlip_fed.data.tokenizer import load_tokenizer
+
+    if model.text.checkpoint_dir:
+        return load_tokenizer(model.text.checkpoint_dir, field="model.text.checkpoint_dir")
+    return load_tokenizer(model.text.vocab_path, field="model.text.vocab_path")
+
+
+def model_from_config(model: ModelConfig) -> Any:
+    """``MLIPModel`` with its tokenizer built here and injected; seeded, so equal configs give equal weights."""
     from mlip_fed.model.mlip import MLIPModel
 
-    return MLIPModel(cfg.model)
+    return MLIPModel(model, build_tokenizer(model))
+
+
+def build_model(cfg: ExperimentConfig) -> Any:
+    """The MLIP model; identical initial weights wherever it is built with the same config (seeded)."""
+    return model_from_config(cfg.model)
 
 
 def build_collator(model: Any, cfg: ExperimentConfig) -> Any:
@@ -232,8 +287,6 @@ def _with_new_defaults(section: str, saved: Any) -> Any:
     """A saved config section re-validated by today's schema: a field added since, at its default, is no change."""
     from pydantic import ValidationError
 
-    from mlip_fed.model.config import ModelConfig
-
     schema = {"model": ModelConfig, "data": DataConfig}[section]
     try:
         return schema.model_validate(saved).model_dump(mode="json")
@@ -263,7 +316,7 @@ def evaluate_model(model: Any, data: SiteData, cfg: ExperimentConfig) -> Any:
     eval_cfg = eval_cfg.model_copy(update={"max_length": cfg.model.text.max_length})
     train_ds = eval_dataset(data.train, cfg, with_masks=has_masks)
     test_ds = eval_dataset(data.test, cfg, with_masks=has_masks)
-    return evaluate_all(model, model.tokenizer, train_ds, test_ds, eval_cfg)
+    return evaluate_all(model, model.tokenizer, train_ds, test_ds, eval_cfg, progress=True)  # bar on a terminal
 
 
 def write_evaluation(result: Any, out_dir: Path, title: str) -> None:

@@ -14,10 +14,12 @@ from collections.abc import Iterable
 from flwr.app import Context, Message
 from flwr.serverapp import Grid, ServerApp
 
+from mlip_fed.config import FederationConfig
 from mlip_fed.federation.coordinator import FederationCoordinator, coordinator_from_run
-from mlip_fed.federation.payload import SiteFailure
+from mlip_fed.federation.payload import RoundRequest, SiteEvaluation, SiteFailure
 from mlip_fed.federation.run_config import experiment_from_run_config
-from server.codec import MESSAGE_TYPE, encode_request, sort_replies
+from mlip_fed.federation.site_evaluation import SiteEvaluatorFn
+from mlip_wire.codec import EVALUATE_MESSAGE_TYPE, MESSAGE_TYPE, decode_evaluation, encode_request, sort_replies
 
 logger = logging.getLogger("mlip_fed.server")
 
@@ -31,8 +33,9 @@ def _log(line: str) -> None:
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     run = experiment_from_run_config(context.run_config)
-    coordinator = coordinator_from_run(run, log=_log)
     fed = run.cfg.federation
+    known_sites: dict[int, str] = {}
+    coordinator = coordinator_from_run(run, log=_log, site_evaluator=site_evaluator(grid, fed, known_sites))
     if fed.secure_aggregation:  # SecAgg+ exists only as Flower's legacy workflow: server/secagg.py drives the rounds
         from server.secagg import run_secure_federation
 
@@ -40,14 +43,18 @@ def main(grid: Grid, context: Context) -> None:
             grid, context, coordinator, lambda: wait_for_nodes(grid, fed.min_available_nodes, fed.round_timeout_s)
         )
         return
-    run_federation(grid, coordinator)
+    run_federation(grid, coordinator, known_sites)
 
 
-def run_federation(grid: Grid, coordinator: FederationCoordinator) -> dict:
-    """The round loop; returns the final results (raises FederationFailed if nothing aggregated)."""
+def run_federation(grid: Grid, coordinator: FederationCoordinator, known_sites: dict[int, str] | None = None) -> dict:
+    """The round loop; returns the final results (raises FederationFailed if nothing aggregated).
+
+    ``known_sites`` (node id -> site id, filled by every reply) is shared with the site evaluator, so a site that
+    fails in either is named.
+    """
     fed = coordinator.fed
+    known_sites = {} if known_sites is None else known_sites
     coordinator.start()
-    known_sites: dict[int, str] = {}
     for server_round in coordinator.remaining_rounds():
         try:
             node_ids = wait_for_nodes(grid, fed.min_available_nodes, fed.round_timeout_s, known_sites=known_sites)
@@ -74,6 +81,36 @@ def run_federation(grid: Grid, coordinator: FederationCoordinator) -> dict:
             server_round, updates, failures, num_sampled=len(selected), communication_seconds=communication_s
         )
     return coordinator.finish()
+
+
+def site_evaluator(grid: Grid, fed: FederationConfig, known_sites: dict[int, str]) -> SiteEvaluatorFn:
+    """Evaluation where the data is: an ``evaluate`` message to every connected site, the replies sorted.
+
+    Every connected site is asked, not only the round's sample: evaluation trains nothing and the more sites score
+    the model, the more the aggregate says. A site that errs, refuses (its policy) or stays silent past the round
+    timeout is a named failure; nobody connected is one failure, not an exception.
+    """
+
+    def evaluate(request: RoundRequest) -> tuple[list[SiteEvaluation], list[SiteFailure]]:
+        server_round = request.server_round
+        node_ids = sorted(grid.get_node_ids())
+        if not node_ids:
+            return [], [SiteFailure(server_round, "(none)", 0, "no site connected for evaluation")]
+        content = encode_request(request, fed.transport_dtype)
+        messages = [
+            Message(
+                content,
+                dst_node_id=node_id,
+                message_type=EVALUATE_MESSAGE_TYPE,
+                group_id=f"evaluate-{server_round}",
+                ttl=fed.round_timeout_s,
+            )
+            for node_id in node_ids
+        ]
+        replies = attribute_replies(messages, grid.send_and_receive(messages, timeout=fed.round_timeout_s))
+        return sort_replies(server_round, messages, replies, known_sites, decode=decode_evaluation)
+
+    return evaluate
 
 
 def attribute_replies(sent: list[Message], replies: Iterable[Message]) -> list[Message]:

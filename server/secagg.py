@@ -38,7 +38,6 @@ from flwr.server.strategy import Strategy
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid
 
-from client.secagg import LAYOUT_KEY, MAX_EXAMPLES_KEY, SITE_ID_METRIC
 from mlip_fed.federation.coordinator import FederationCoordinator
 from mlip_fed.federation.payload import SiteFailure, parse_site_error
 from mlip_fed.federation.secure_payload import (
@@ -50,6 +49,7 @@ from mlip_fed.federation.secure_payload import (
     packed_sizes,
     unpack_aggregate,
 )
+from mlip_wire.codec import LAYOUT_KEY, MAX_EXAMPLES_KEY, SITE_ID_METRIC
 
 logger = logging.getLogger("mlip_fed.server")
 

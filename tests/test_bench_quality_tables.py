@@ -3,14 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from bench import ablation, fed_vs_central  # noqa: E402
-from bench.quality import Pool, probe_mean, seed_stats  # noqa: E402
+from bench import ablation, fed_vs_central
+from bench.quality import Pool, probe_mean, seed_stats
 
 
 def _run(lp1: float, lp100: float) -> dict:

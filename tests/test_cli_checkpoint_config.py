@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from mlip_fed.cli.checkpoint_config import SAVED_CONFIG_NAME, layer_overrides, resolve_eval_config, saved_config
-from mlip_fed.cli.hydra_config import compose_experiment
+from mlip_fed.checkpoint_config import SAVED_CONFIG_NAME, layer_overrides, resolve_eval_config, saved_config
 from mlip_fed.config import ConfigError
+from mlip_fed.config_compose import compose_experiment
 from mlip_fed.pipeline import state_dict_mismatch
 
 

@@ -67,7 +67,7 @@ def test_bad_override_fails_at_start_naming_the_field(override: str, message: st
 
 
 def test_itm_off_alone_is_a_valid_experiment() -> None:
-    from mlip_fed.cli.hydra_config import compose_experiment
+    from mlip_fed.config_compose import compose_experiment
 
     cfg = compose_experiment(["experiment=synth_cpu", "objectives.itm.enabled=false"])
     assert cfg.model.objectives.enabled_names() == ["global_itc", "local_alignment", "category_contrast", "text_swap"]

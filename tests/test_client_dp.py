@@ -8,6 +8,7 @@ from pathlib import Path
 import dp_accounting
 import pytest
 import torch
+from conftest import D, site_update
 from dp_accounting.rdp import RdpAccountant
 
 from mlip_fed.config import ExperimentConfig, FederationConfig, PrivacyPolicy
@@ -25,8 +26,6 @@ from mlip_fed.federation.coordinator import FederationCoordinator
 from mlip_fed.federation.payload import SiteUpdate
 from mlip_fed.model.objectives.prototype_bank import PrototypeBank
 from mlip_fed.privacy.accountant import RDP_ORDERS
-
-K, D = 14, 4
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -130,14 +129,7 @@ def test_config_refuses_half_configured_client_dp() -> None:
 
 # ---------------------------------------------------------------------------------------------- coordinator
 def _update(site: str, value: float, n: int) -> SiteUpdate:
-    count = torch.zeros(K)
-    return SiteUpdate(
-        site_id=site,
-        num_examples=n,
-        weights={"w": torch.full((2,), value)},
-        bank_stats={"sum_image": torch.zeros(K, D), "sum_text": torch.zeros(K, D), "count": count},
-        metrics={"epsilon": 1.0},  # a DP site's release: merged under client DP
-    )
+    return site_update(site, value, n, metrics={"epsilon": 1.0})  # a DP site's release: merged under client DP
 
 
 def _coordinator(tmp_path: Path, **federation: object) -> FederationCoordinator:

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import D, site_update
 
 from mlip_fed.config import ConfigError, ExperimentConfig, FederationConfig, PrivacyPolicy
 from mlip_fed.federation.coordinator import FederationCoordinator
 from mlip_fed.federation.payload import SiteUpdate
 from mlip_fed.model.objectives.prototype_bank import PrototypeBank
 
-K, D = 14, 4
 DP_SITES = PrivacyPolicy(mechanism="bucketed", epsilon_budget=8.0)
 
 
@@ -33,13 +33,8 @@ def _coordinator(tmp_path: Path, privacy: PrivacyPolicy = DP_SITES, **federation
 
 
 def _update(site: str, value: float, count: float = 0.0, dp: bool = True) -> SiteUpdate:
-    return SiteUpdate(
-        site_id=site,
-        num_examples=1,
-        weights={"w": torch.full((2,), value)},
-        bank_stats={"sum_image": torch.ones(K, D), "sum_text": torch.ones(K, D), "count": torch.full((K,), count)},
-        metrics={"epsilon": 1.0} if dp else {},
-    )
+    """A site's update with ``count`` studies of category 0; with ``dp``, the ε a DP site's metrics carry."""
+    return site_update(site, value, count0=count, sum_at=(0, 0), metrics={"epsilon": 1.0} if dp else {})
 
 
 def test_site_sample_is_poisson_at_fraction_train(tmp_path: Path) -> None:

@@ -1,19 +1,16 @@
-"""fp16/bf16 transport in ``server/codec.py``: bytes halve, values round-trip within the format's precision,
+"""fp16/bf16 transport in ``mlip_wire/codec.py``: bytes halve, values round-trip within the format's precision,
 float32 comes back, counts and integer tensors travel untouched, bad settings fail with a clear error."""
 
 from __future__ import annotations
-
-from collections.abc import Iterable
 
 import pytest
 import torch
 from flwr.app import ConfigRecord, RecordDict
 from flwr.common.serde import recorddict_to_proto
-from flwr.supercore.task_identity import TaskIdentity
 
 from mlip_fed.config import FederationConfig
 from mlip_fed.federation.payload import RoundRequest, SiteUpdate
-from server.codec import (
+from mlip_wire.codec import (
     TRANSPORT,
     decode_request,
     decode_update,
@@ -27,12 +24,7 @@ K, D = 14, 32
 REL_ERR = {"float16": 2.0**-11, "bfloat16": 2.0**-8}
 
 
-@pytest.fixture(autouse=True)
-def task_identity() -> Iterable[None]:
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def _weights() -> dict[str, torch.Tensor]:

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import dataset_items
 
 from mlip_fed.data.collate import MLIPCollator, token_word_ids
 from mlip_fed.data.dataset import ImageReportDataset
@@ -24,16 +25,7 @@ REPORTS = [
 
 
 def _items() -> list[dict]:
-    return [
-        {
-            "image": torch.zeros(1, 8, 8),
-            "report": r,
-            "labels": torch.zeros(14),
-            "patient_id": f"p{i}",
-            "study_id": f"s{i}",
-        }
-        for i, r in enumerate(REPORTS)
-    ]
+    return dataset_items(len(REPORTS), reports=REPORTS, size=8, second_view=False, positives=False)
 
 
 @pytest.mark.parametrize("max_length", [128, 12])
@@ -47,7 +39,8 @@ def test_cached_tokenisation_equals_batch_tokenisation(max_length: int) -> None:
         assert torch.equal(batch["input_ids"], ref["input_ids"])
         assert torch.equal(batch["attention_mask"], ref["attention_mask"])
         assert torch.equal(batch["word_ids"], token_word_ids(tokenizer, ref["input_ids"], ref["attention_mask"]))
-        assert batch["entity_words"].shape[2] == int(batch["word_ids"].max()) + 1
+        # spans over L word slots (the text tower's fixed word axis: no host read of the word count per step)
+        assert batch["entity_words"].shape[2] == batch["word_ids"].shape[1] > int(batch["word_ids"].max())
         # every entity word is a real word of its row
         for row in range(len(REPORTS)):
             words = batch["entity_words"][row].any(dim=0).nonzero().flatten()

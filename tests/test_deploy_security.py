@@ -27,6 +27,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import DEPLOY_OVERRIDES, DEPLOY_SITES, loopback_deployment
 
 from mlip_fed.config import SiteConfig
 from mlip_fed.deploy import fab_guard
@@ -179,21 +180,13 @@ def test_flower_facts_the_guard_relies_on() -> None:
 
 
 # ---------------------------------------------------------------------------- loopback deployment
-SITES = ("hospital_a", "hospital_b", "hospital_c")
+SITES = DEPLOY_SITES
 UNPINNED = "hospital_c"
-OVERRIDES = [
-    "data.synthetic.num_sites=3",
-    "data.synthetic.studies_per_site=16",
-    "train.num_threads=1",
-    "train.max_steps=2",
-    "federation.min_available_nodes=3",
-    "federation.min_train_nodes=3",
-    "federation.round_timeout_s=240",
-]
+OVERRIDES = [*DEPLOY_OVERRIDES, "data.synthetic.studies_per_site=16"]
 
 
 def _flwr(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
-    from mlip_fed.deploy.supernode import flower_executable
+    from mlip_fed.deploy.flower_env import flower_executable
 
     return subprocess.run(
         [flower_executable("flwr"), *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=180
@@ -206,20 +199,14 @@ def _json(out: str) -> dict:
 
 @pytest.mark.integration
 def test_outsider_is_refused_and_an_unpinned_fab_never_runs(tmp_path: Path) -> None:
-    from mlip_fed.cli.hydra_config import compose_experiment
     from mlip_fed.deploy.certs import CA_CERT, write_site_keys
-    from mlip_fed.deploy.local import LocalDeployment
     from mlip_fed.deploy.superlink import connection_toml
     from mlip_fed.federation.simulation import write_run_config
-    from mlip_fed.pipeline import synthetic_manifests
 
     overrides = [*OVERRIDES, f"data.root={tmp_path / 'synth'}"]
-    manifests = synthetic_manifests(compose_experiment(["experiment=smoke", *overrides]).data)
     out = tmp_path / "out"
     marker = tmp_path / "rogue_marker"
-    dep = LocalDeployment(tmp_path / "deploy", tls=True, app_dir=ROOT)
-    try:
-        dep.start_superlink(site_ids=SITES)
+    with loopback_deployment(tmp_path, overrides, app_dir=ROOT) as (dep, manifests):
         fab_hash = dep.fab_hash()  # `mlip-certs fab-hash .`, what the operator hands the hospitals
         other = fab_guard.fab_sha256(b"an older release of the app")
         for site_id, manifest in zip(SITES, manifests, strict=True):
@@ -272,10 +259,6 @@ def test_outsider_is_refused_and_an_unpinned_fab_never_runs(tmp_path: Path) -> N
             trained = (dep.root / "sites" / "state" / site_id / "bank_history.jsonl").is_file()
             assert trained == (site_id != UNPINNED), site_id
         assert not marker.exists()
-    finally:
-        dep.stop()
-    for proc in dep.procs.values():
-        assert proc.poll() is not None
 
 
 if __name__ == "__main__":  # a readable trace when debugging: python tests/test_deploy_security.py

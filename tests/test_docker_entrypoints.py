@@ -6,7 +6,6 @@ Container paths (/certs, /config, /data, /state) are mapped onto a tmp dir; port
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -22,7 +21,8 @@ import yaml
 from mlip_fed.config import SiteConfig
 from mlip_fed.deploy.certs import CA_CERT, SERVER_CERT, SERVER_KEY, write_ca, write_server_cert, write_site_keys
 from mlip_fed.deploy.superlink import launcher_command, superlink_command
-from mlip_fed.federation.simulation import descendants, free_port
+from mlip_fed.federation.simulation import free_port
+from mlip_fed.process_tree import terminate, tree
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
@@ -233,7 +233,6 @@ def test_compose_mounts_what_the_images_read() -> None:
 def test_server_entrypoint_runs_and_its_healthcheck_passes(tmp_path: Path) -> None:
     """The SuperLink and its gateway started from the ENTRYPOINT (loopback, free ports) answer the image's HEALTHCHECK
     over TLS."""
-    import signal
     import time
 
     certs = tmp_path / "certs"
@@ -265,17 +264,7 @@ def test_server_entrypoint_runs_and_its_healthcheck_passes(tmp_path: Path) -> No
             time.sleep(1)
         assert ok, f"HEALTHCHECK never passed (SuperLink exit status {link.poll()})"
     finally:  # the launcher, the SuperLink and the SuperExec it started, by PID
-        pids = [*reversed(descendants(link.pid)), link.pid]
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-        try:
-            link.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            pass
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        terminate(tree([link.pid]), grace_s=20)
         link.wait(timeout=10)
 
 

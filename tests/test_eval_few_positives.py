@@ -8,8 +8,9 @@ import math
 import torch
 from test_eval_features import FakeEncoder, FakeTokenizer, ToyCXR
 
+from mlip_fed.eval.config import EvalConfig
 from mlip_fed.eval.linear_probe import run_linear_probe
-from mlip_fed.eval.report import EvalConfig, EvalResult, evaluate_all, to_markdown
+from mlip_fed.eval.report import EvalResult, evaluate_all, to_markdown
 from mlip_fed.knowledge.kb import CHEXPERT_CATEGORIES
 
 CARDIO, FRACTURE = (CHEXPERT_CATEGORIES.index(n) for n in ("Cardiomegaly", "Fracture"))

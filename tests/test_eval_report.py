@@ -10,7 +10,8 @@ import torch
 from pydantic import ValidationError
 from test_eval_features import FakeEncoder, FakeTokenizer, ToyCXR
 
-from mlip_fed.eval.report import EvalConfig, evaluate_all, load_result, to_markdown, write_json, write_markdown
+from mlip_fed.eval.config import EvalConfig
+from mlip_fed.eval.report import evaluate_all, load_result, to_markdown, write_json, write_markdown
 
 SEG_ON = {"segmentation": {"enabled": True, "class_names": ["Cardiomegaly"], "epochs": 2, "hidden": 8}}
 

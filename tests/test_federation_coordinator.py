@@ -7,14 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import D, site_update
 
 from mlip_fed.config import ExperimentConfig
 from mlip_fed.federation.coordinator import FederationCoordinator, FederationFailed
 from mlip_fed.federation.payload import SiteFailure, SiteUpdate
 from mlip_fed.federation.server_state import checkpoint_path, load_server_state
 from mlip_fed.model.objectives.prototype_bank import PrototypeBank
-
-K, D = 14, 4
 
 
 def _cfg(**federation: object) -> ExperimentConfig:
@@ -23,17 +22,8 @@ def _cfg(**federation: object) -> ExperimentConfig:
 
 
 def _update(site: str, value: float, n: int, count0: float = 10.0) -> SiteUpdate:
-    count = torch.zeros(K)
-    count[0] = count0
-    sums = torch.zeros(K, D)
-    sums[0, 0] = count0
-    return SiteUpdate(
-        site_id=site,
-        num_examples=n,
-        weights={"w": torch.full((2,), value)},
-        bank_stats={"sum_image": sums, "sum_text": sums.clone(), "count": count},
-        metrics={"train_loss": value, "train_seconds": 1.0, "handler_seconds": 2.0},
-    )
+    metrics = {"train_loss": value, "train_seconds": 1.0, "handler_seconds": 2.0}
+    return site_update(site, value, n, count0=count0, sum_at=(0, 0), metrics=metrics)
 
 
 def _coordinator(tmp_path: Path, log: list[str] | None = None, **federation: object) -> FederationCoordinator:

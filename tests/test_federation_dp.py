@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import dp_site_config, round_request
 
-from mlip_fed.cli.hydra_config import compose_experiment
 from mlip_fed.config import ExperimentConfig
 from mlip_fed.federation.coordinator import FederationCoordinator
 from mlip_fed.federation.payload import RoundRequest, SiteFailure, SiteUpdate, format_site_error
@@ -31,32 +31,12 @@ RUN_ID = "test-run"
 
 
 def _cfg(*overrides: str) -> ExperimentConfig:
-    return compose_experiment(
-        [
-            "experiment=smoke",
-            "privacy=bucketed",
-            "data.synthetic.studies_per_site=16",
-            "train.max_steps=2",
-            "train.num_threads=1",
-            # a loose release so the test sees both kept and suppressed categories
-            "privacy.epsilon_budget=60",
-            "privacy.prototype_noise_multiplier=3.0",
-            "privacy.prototype_contribution_bound=8",
-            "privacy.prototype_count_threshold=3",
-            *overrides,
-        ]
-    )
+    # a loose release so the test sees both kept and suppressed categories
+    return dp_site_config("privacy.prototype_count_threshold=3", *overrides)
 
 
 def _request(cfg: ExperimentConfig, server_round: int = 1, **config: object) -> RoundRequest:
-    weights, bank, _ = initial_global_state(cfg)
-    bank_keys = ("prototypes_image", "prototypes_text", "initialized")
-    return RoundRequest(
-        server_round,
-        weights,
-        {k: bank[k] for k in bank_keys},
-        {"server-round": server_round, "run-id": RUN_ID, "num-rounds": 2, "local-epochs": 1, **config},
-    )
+    return round_request(cfg, server_round, RUN_ID, num_rounds=2, **config)
 
 
 def _events(state_dir: Path) -> list:

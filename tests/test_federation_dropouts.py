@@ -8,111 +8,21 @@ a hung node never answers and the round ends at its timeout.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import pytest
-import torch
-from flwr.app import Error, Message
-from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
-from flwr.serverapp import Grid
-from flwr.supercore.task_identity import TaskIdentity
+from conftest import FakeGrid, fake_coordinator, site_update, superlink_error
+from flwr.app import Message
 
-from mlip_fed.config import ExperimentConfig
-from mlip_fed.federation.coordinator import FederationCoordinator
 from mlip_fed.federation.payload import SiteUpdate
-from mlip_fed.model.objectives.prototype_bank import PrototypeBank
+from mlip_wire.codec import decode_request, encode_update, sort_replies
 from server.app import attribute_replies, run_federation
-from server.codec import decode_request, encode_update, sort_replies
 
-K, D = 14, 4
-#: What the SuperLink answers for a node that stopped heartbeating (flwr linkstate utils).
-UNAVAILABLE = "Error: Node Unavailable - The destination node failed to report a heartbeat"
-
-
-@pytest.fixture(autouse=True)
-def task_identity() -> Iterable[None]:
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def _update(site: str, value: float) -> SiteUpdate:
-    count = torch.zeros(K)
-    count[0] = 6.0
-    sums = torch.zeros(K, D)
-    return SiteUpdate(
-        site, 1, {"w": torch.full((2,), value)}, {"sum_image": sums, "sum_text": sums, "count": count}, {}
-    )
-
-
-def _superlink_error(request: Message) -> Message:
-    """The SuperLink's reply for an unavailable node: addressed from SUPERLINK_NODE_ID, not from the node."""
-    reply = Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason=UNAVAILABLE), reply_to=request)
-    reply.metadata.__dict__["_src_node_id"] = SUPERLINK_NODE_ID
-    return reply
-
-
-class ScriptedGrid(Grid):
-    """``online(round)`` -> connected node ids; ``respond(node, round, msg)`` -> reply, ``"dead"`` or None (hung)."""
-
-    def __init__(
-        self,
-        online: Callable[[int], list[int]],
-        respond: Callable[[int, int, Message], Message | str | None],
-    ) -> None:
-        self.online = online
-        self.respond = respond
-        self.next_round = 1
-        self.sent_rounds: list[tuple[int, list[int]]] = []
-
-    @property
-    def run(self):  # type: ignore[override]
-        raise NotImplementedError
-
-    def set_run(self, run_id: int) -> None:  # type: ignore[override]
-        pass
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:  # type: ignore[override]
-        return Message(content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id, ttl=ttl)
-
-    def get_node_ids(self) -> list[int]:
-        return self.online(self.next_round)
-
-    def push_messages(self, messages):  # type: ignore[override]
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids):  # type: ignore[override]
-        raise NotImplementedError
-
-    def send_and_receive(self, messages, *, timeout=None):  # type: ignore[override]
-        messages = list(messages)
-        server_round = int(messages[0].metadata.group_id)
-        self.sent_rounds.append((server_round, [int(m.metadata.dst_node_id) for m in messages]))
-        replies = []
-        for i, message in enumerate(messages):
-            message.metadata.__dict__["_message_id"] = f"m{server_round}-{i}"  # as Grid.push_messages does
-            reply = self.respond(int(message.metadata.dst_node_id), server_round, message)
-            if reply == "dead":
-                replies.append(_superlink_error(message))
-            elif isinstance(reply, Message):
-                replies.append(reply)
-        self.next_round = server_round + 1
-        return replies
-
-
-def _coordinator(tmp_path: Path, **federation: object) -> FederationCoordinator:
-    cfg = ExperimentConfig()
-    cfg = cfg.model_copy(update={"federation": cfg.federation.model_copy(update=federation)})
-    return FederationCoordinator(
-        cfg,
-        tmp_path / "run",
-        initial_weights={"w": torch.zeros(2)},
-        initial_bank=PrototypeBank(dim=D).state_dict(),
-        evaluator=lambda w, b: {"auroc": float(w["w"][0]), "r_at_5": 0.0},
-        log=lambda line: None,
-    )
+    return site_update(site, value, count0=6.0)
 
 
 def _ok(node: int, message: Message) -> Message:
@@ -126,13 +36,13 @@ def test_node_unavailable_is_reported_once_under_the_dropped_site() -> None:
     ]
     for i, message in enumerate(sent):
         message.metadata.__dict__["_message_id"] = f"id{i}"
-    replies = attribute_replies(sent, [_ok(5, sent[0]), _superlink_error(sent[1])])
+    replies = attribute_replies(sent, [_ok(5, sent[0]), superlink_error(sent[1])])
     updates, failures = sort_replies(2, sent, replies, {6: "hospital_c"})
     assert [u.site_id for u in updates] == ["site_5"]
     assert [(f.site_id, f.node_id) for f in failures] == [("hospital_c", 6)]
     assert "Node Unavailable" in failures[0].reason
     # Without re-addressing, the SuperLink's reply would name the SuperLink and the site would also look silent.
-    _, raw = sort_replies(2, sent, [_ok(5, sent[0]), _superlink_error(sent[1])], {6: "hospital_c"})
+    _, raw = sort_replies(2, sent, [_ok(5, sent[0]), superlink_error(sent[1])], {6: "hospital_c"})
     assert len(raw) == 2
 
 
@@ -142,8 +52,8 @@ def test_site_killed_mid_round_is_left_out_and_rejoins_next_round(tmp_path: Path
             return "dead"  # killed after pulling round 2's message; restarted before round 3
         return _ok(node, message)
 
-    grid = ScriptedGrid(lambda r: [0, 1, 2], respond)
-    summary = run_federation(grid, _coordinator(tmp_path, num_rounds=3, min_available_nodes=3, min_train_nodes=3))
+    grid = FakeGrid(lambda r: [0, 1, 2], respond)
+    summary = run_federation(grid, fake_coordinator(tmp_path, num_rounds=3, min_available_nodes=3, min_train_nodes=3))
     rounds = summary["rounds"]
     assert [[s["site_id"] for s in r["sites"]] for r in rounds[1:]] == [
         ["site_0", "site_1", "site_2"],
@@ -159,9 +69,11 @@ def test_site_killed_mid_round_is_left_out_and_rejoins_next_round(tmp_path: Path
 def test_round_below_quorum_is_skipped_not_fatal(tmp_path: Path) -> None:
     """Site 2 is down before round 2 is sampled and back for round 3: round 2 waits its timeout, is recorded
     as not aggregated with the missing site named, and the run goes on."""
-    coordinator = _coordinator(tmp_path, num_rounds=3, min_available_nodes=3, min_train_nodes=2, round_timeout_s=0.05)
+    coordinator = fake_coordinator(
+        tmp_path, num_rounds=3, min_available_nodes=3, min_train_nodes=2, round_timeout_s=0.05
+    )
     next_round = lambda: coordinator.state.completed_round + 1  # noqa: E731
-    grid = ScriptedGrid(lambda r: [0, 1] if next_round() == 2 else [0, 1, 2], lambda n, r, m: _ok(n, m))
+    grid = FakeGrid(lambda r: [0, 1] if next_round() == 2 else [0, 1, 2], lambda n, r, m: _ok(n, m))
     summary = run_federation(grid, coordinator)
     assert [r for r, _ in grid.sent_rounds] == [1, 3]  # nothing was sent in round 2
     skipped = summary["rounds"][2]
@@ -174,8 +86,8 @@ def test_round_below_quorum_is_skipped_not_fatal(tmp_path: Path) -> None:
 
 
 def test_hung_site_ends_at_the_timeout_and_is_named(tmp_path: Path) -> None:
-    grid = ScriptedGrid(lambda r: [0, 1], lambda n, r, m: None if (n == 1 and r == 2) else _ok(n, m))
-    summary = run_federation(grid, _coordinator(tmp_path, num_rounds=2, min_available_nodes=2, min_train_nodes=2))
+    grid = FakeGrid(lambda r: [0, 1], lambda n, r, m: None if (n == 1 and r == 2) else _ok(n, m))
+    summary = run_federation(grid, fake_coordinator(tmp_path, num_rounds=2, min_available_nodes=2, min_train_nodes=2))
     assert summary["failures"] == [
         {"round": 2, "site_id": "site_1", "node_id": 1, "reason": "no reply before the round timeout"}
     ]
@@ -185,9 +97,9 @@ def test_hung_site_ends_at_the_timeout_and_is_named(tmp_path: Path) -> None:
 def test_no_quorum_ever_fails_the_run_with_the_quorum_named(tmp_path: Path) -> None:
     from mlip_fed.federation.coordinator import FederationFailed
 
-    grid = ScriptedGrid(lambda r: [0], lambda n, r, m: _ok(n, m))
+    grid = FakeGrid(lambda r: [0], lambda n, r, m: _ok(n, m))
     with pytest.raises(FederationFailed):
-        run_federation(grid, _coordinator(tmp_path, num_rounds=1, min_available_nodes=2, round_timeout_s=0.05))
+        run_federation(grid, fake_coordinator(tmp_path, num_rounds=1, min_available_nodes=2, round_timeout_s=0.05))
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["status"] == "failed"
     assert results["failures"][0]["site_id"] == "(quorum)" and "only 1 node(s)" in results["failures"][0]["reason"]

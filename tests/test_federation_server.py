@@ -3,96 +3,25 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import D, FakeGrid, fake_coordinator, site_update
 from flwr.app import Error, Message, RecordDict
-from flwr.serverapp import Grid
-from flwr.supercore.task_identity import TaskIdentity
 
-from mlip_fed.config import ExperimentConfig
-from mlip_fed.federation.coordinator import FederationCoordinator, FederationFailed
+from mlip_fed.federation.coordinator import FederationFailed
 from mlip_fed.federation.payload import SiteUpdate, format_site_error
 from mlip_fed.model.objectives.prototype_bank import PrototypeBank
+from mlip_wire.codec import decode_request, decode_update, encode_request, encode_update, sort_replies
 from server.app import run_federation, wait_for_nodes
-from server.codec import decode_request, decode_update, encode_request, encode_update, sort_replies
 
-K, D = 14, 4
-
-
-@pytest.fixture(autouse=True)
-def task_identity() -> Iterable[None]:
-    """Messages read the run id from the process's task identity; Flower sets it in a real run only."""
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def _update(site: str, value: float, n: int) -> SiteUpdate:
-    count = torch.zeros(K)
-    count[0] = 6.0
-    sums = torch.zeros(K, D)
-    sums[0, 1] = 6.0
-    return SiteUpdate(
-        site,
-        n,
-        {"w": torch.full((2,), value)},
-        {"sum_image": sums, "sum_text": sums, "count": count},
-        {"train_loss": value, "train_seconds": 0.1, "handler_seconds": 0.2},
-    )
-
-
-class InProcessGrid(Grid):
-    """Answers each message with ``respond(node_id, request_message)``; None means no reply (timeout)."""
-
-    def __init__(self, node_ids: list[int], respond: Callable[[int, Message], Message | None]) -> None:
-        self.node_ids = node_ids
-        self.respond = respond
-        self.sent: list[Message] = []
-
-    @property
-    def run(self):  # type: ignore[override]
-        raise NotImplementedError
-
-    def set_run(self, run_id: int) -> None:  # type: ignore[override]
-        pass
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:  # type: ignore[override]
-        return Message(content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id, ttl=ttl)
-
-    def get_node_ids(self) -> list[int]:
-        return list(self.node_ids)
-
-    def push_messages(self, messages):  # type: ignore[override]
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids):  # type: ignore[override]
-        raise NotImplementedError
-
-    def send_and_receive(self, messages, *, timeout=None):  # type: ignore[override]
-        replies = []
-        for message in messages:
-            self.sent.append(message)
-            reply = self.respond(message.metadata.dst_node_id, message)
-            if reply is not None:
-                replies.append(reply)
-        return replies
-
-
-def _coordinator(tmp_path: Path, **federation: object) -> FederationCoordinator:
-    cfg = ExperimentConfig()
-    cfg = cfg.model_copy(update={"federation": cfg.federation.model_copy(update=federation)})
-    return FederationCoordinator(
-        cfg,
-        tmp_path / "run",
-        initial_weights={"w": torch.zeros(2)},
-        initial_bank=PrototypeBank(dim=D).state_dict(),
-        evaluator=lambda w, b: {"auroc": float(w["w"][0]), "r_at_5": 0.0},
-        log=lambda line: None,
-    )
+    metrics = {"train_loss": value, "train_seconds": 0.1, "handler_seconds": 0.2}
+    return site_update(site, value, n, count0=6.0, sum_at=(0, 1), metrics=metrics)
 
 
 def test_request_and_update_round_trip() -> None:
@@ -133,8 +62,8 @@ def test_run_federation_excludes_raising_site_and_lists_it(tmp_path: Path) -> No
         value = float(request.weights["w"][0]) + node_id
         return Message(encode_update(_update(f"site_{node_id}", value, 1)), reply_to=message)
 
-    grid = InProcessGrid([0, 1, 2], respond)
-    summary = run_federation(grid, _coordinator(tmp_path, num_rounds=2, min_available_nodes=3, min_train_nodes=3))
+    grid = FakeGrid([0, 1, 2], lambda node, _round, msg: respond(node, msg))
+    summary = run_federation(grid, fake_coordinator(tmp_path, num_rounds=2, min_available_nodes=3, min_train_nodes=3))
     assert summary["status"] == "completed"
     # round 1: (0+1+2)/3 = 1 ; round 2: only sites 0 and 1 -> ((1+0) + (1+1)) / 2 = 1.5
     assert summary["rounds"][1]["eval"]["auroc"] == pytest.approx(1.0)
@@ -149,12 +78,12 @@ def test_run_federation_excludes_raising_site_and_lists_it(tmp_path: Path) -> No
 
 
 def test_run_federation_fails_when_every_site_fails(tmp_path: Path) -> None:
-    grid = InProcessGrid([0, 1], lambda node, msg: None)
+    grid = FakeGrid([0, 1], lambda node, _round, msg: None)
     with pytest.raises(FederationFailed):
-        run_federation(grid, _coordinator(tmp_path, num_rounds=1))
+        run_federation(grid, fake_coordinator(tmp_path, num_rounds=1))
     assert json.loads((tmp_path / "run" / "results.json").read_text())["status"] == "failed"
 
 
 def test_wait_for_nodes_times_out_with_clear_error() -> None:
     with pytest.raises(TimeoutError, match="min_available_nodes=3"):
-        wait_for_nodes(InProcessGrid([1], lambda n, m: None), 3, timeout_s=0.05, poll_s=0.01)
+        wait_for_nodes(FakeGrid([1], lambda n, r, m: None), 3, timeout_s=0.05, poll_s=0.01)

@@ -1,4 +1,4 @@
-"""Site-side pieces that need no data: the FedProx gradient, simulation helpers, docs blocks."""
+"""Site-side pieces that need no data: the FedProx gradient, simulation helpers."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import torch
 from flwr.common.config import parse_config_args
 from torch import nn
 
-from mlip_fed.federation.report import replace_docs_block
-from mlip_fed.federation.simulation import SimulationResult, superlink_pids, write_run_config
+from mlip_fed.federation.simulation import SimulationResult, write_run_config
 from mlip_fed.federation.site import proximal_gradient
+from mlip_fed.federation.superlink_tree import superlink_pids
 from mlip_fed.train.trainer import standard_gradient
 
 
@@ -56,7 +56,7 @@ def test_run_config_file_parses_as_flower_reads_it(tmp_path: Path) -> None:
         "output-dir": "/abs/out",
         "num-server-rounds": 2,
     }
-    from mlip_fed.cli.hydra_config import split_overrides
+    from mlip_fed.config_compose import split_overrides
 
     assert split_overrides(str(parsed["overrides"])) == ["a=1", "b.c='x y'"]
 
@@ -68,14 +68,3 @@ def test_simulation_result_ok_needs_completed_status(tmp_path: Path) -> None:
     assert not SimulationResult(0, {"status": "failed", "aggregated_rounds": 0}, tmp_path, log, 1.0).ok
     assert not SimulationResult(0, {"status": "running", "aggregated_rounds": 1}, tmp_path, log, 1.0).ok
     assert SimulationResult(1, {"status": "completed", "aggregated_rounds": 1}, tmp_path, log, 1.0).ok
-
-
-def test_replace_docs_block_keeps_the_rest(tmp_path: Path) -> None:
-    doc = tmp_path / "doc.md"
-    doc.write_text("# Title\n\nintro\n")
-    replace_docs_block(doc, "t", "| a |")
-    replace_docs_block(doc, "u", "| u |")
-    replace_docs_block(doc, "t", "| b |")
-    text = doc.read_text()
-    assert text.startswith("# Title\n\nintro\n") and "| a |" not in text
-    assert text.index("| b |") < text.index("| u |")

@@ -19,17 +19,11 @@ import torch
 
 from mlip_fed.federation import venv_defaults
 from mlip_fed.federation.coordinator import RUN_ID_FILE
-from mlip_fed.federation.simulation import (
-    _alive,
-    descendants,
-    free_port,
-    run_flwr_simulation,
-    stop_superlink,
-    superlink_pids,
-    write_run_config,
-)
+from mlip_fed.federation.simulation import free_port, run_flwr_simulation, write_run_config
 from mlip_fed.federation.site import PRIVACY_LEDGER
+from mlip_fed.federation.superlink_tree import stop_superlink, superlink_pids
 from mlip_fed.privacy.ledger import PrivacyLedger
+from mlip_fed.process_tree import alive, descendants
 
 pytestmark = pytest.mark.integration
 
@@ -73,14 +67,25 @@ def test_three_sites_two_rounds(tmp_path: Path) -> None:
         assert record["num_updates"] == 3
         assert sorted(s["site_id"] for s in record["sites"]) == ["site_0", "site_1", "site_2"]
         assert record["bytes"]["down_weights_per_site"] > 0 and len(record["bytes"]["up_bank_per_site"]) == 3
-        assert 0.0 <= record["eval"]["r_at_5"] <= 1.0
         assert record["train_loss"] > 0
+    for record in rounds:  # evaluation where the data is (the default): every site scores round 0, 1 and 2
+        assert "eval" not in record  # the server evaluates nothing of its own by default
+        site_eval = record["site_eval"]
+        assert sorted(s["site_id"] for s in site_eval["sites"]) == ["site_0", "site_1", "site_2"]
+        assert site_eval["failures"] == [] and site_eval["num_examples"] == site_eval["metrics"]["n_test"] > 0
+        assert 0.0 <= site_eval["metrics"]["r_at_5"] <= 1.0
+    assert res["baseline_site_eval"] is not None and res["final_site_eval"] is not None
     assert (tmp_path / "run" / "results.png").stat().st_size > 0
     for k in range(3):  # site state lives on the site's disk
         site_dir = tmp_path / "run" / "sites" / f"site_{k}"
         assert (site_dir / "trainer_round_0002.pt").is_file()
         assert len((site_dir / "bank_history.jsonl").read_text().splitlines()) == 2
-    assert "round   sites     loss" in result.log_path.read_text()  # the progress table reached the stream
+    log = result.log_path.read_text()
+    assert "round   sites     loss" in log  # the progress table reached the stream
+    assert "[server] round 2 evaluated at 3 site(s)" in log
+    for k in range(3):  # each site's own round summary and evaluation reach the run's stream, under its id
+        assert f"[site_{k}] round 2: " in log and f"[site_{k}] round 2: evaluated on" in log
+    assert " examples, 2 steps, loss " in log
 
 
 def test_ctrl_c_after_round_one_then_resume(tmp_path: Path) -> None:
@@ -118,9 +123,9 @@ def test_ctrl_c_after_round_one_then_resume(tmp_path: Path) -> None:
     assert proc.returncode == 130, stderr[-3000:]
     assert "federation.resume=true" in stderr and "interrupted after round" in stderr, stderr[-3000:]
     deadline = time.monotonic() + 30  # SIGKILLed children are reaped by init a moment later
-    while time.monotonic() < deadline and any(_alive(pid) for pid in started):
+    while time.monotonic() < deadline and any(alive(pid) for pid in started):
         time.sleep(0.2)
-    assert [pid for pid in started if _alive(pid)] == []
+    assert [pid for pid in started if alive(pid)] == []
     first = json.loads(results_file.read_text())
     done = first["completed_rounds"]
     assert first["status"] == "running" and 1 <= done < num_rounds - 1

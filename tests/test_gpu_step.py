@@ -2,28 +2,24 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from bench import gpu_step  # noqa: E402
+from bench import gpu_step
 
 
 def test_peak_table_picks_the_specific_name_first() -> None:
     assert gpu_step.bf16_peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
     assert gpu_step.bf16_peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert gpu_step.bf16_peak_tflops("NVIDIA H200 NVL") == 835.0
+    assert gpu_step.bf16_peak_tflops("NVIDIA H200") == 989.0
     assert gpu_step.bf16_peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
     assert gpu_step.bf16_peak_tflops("NVIDIA L40S") == 362.0
     assert gpu_step.bf16_peak_tflops("Some Future Card") is None
 
 
 def test_paper_size_config_is_what_the_configs_say() -> None:
-    from mlip_fed.cli.hydra_config import compose_experiment
+    from mlip_fed.config_compose import compose_experiment
 
     args = gpu_step.parse_args(["--archs", "vit_b16"])
     cfg = compose_experiment(gpu_step.experiment_overrides("vit_b16", args))

@@ -7,48 +7,24 @@ import random
 
 import pytest
 import torch
+from conftest import dataset_items
 from torch import nn
 
 from mlip_fed.data.collate import MLIPCollator
 from mlip_fed.model import MLIPModel, ModelConfig
 from mlip_fed.model.objectives.prototype_bank import PrototypeBank
-
-REPORTS = [
-    "Small left pleural effusion. No pneumothorax.",
-    "Heart size is enlarged, consistent with cardiomegaly.",
-    "No acute cardiopulmonary process.",
-    "Right lower lobe consolidation concerning for pneumonia. Endotracheal tube in place.",
-]
-
-
-def _items(n: int = 4) -> list[dict]:
-    g = torch.Generator().manual_seed(1)
-    items = []
-    for i in range(n):
-        labels = torch.full((14,), math.nan)
-        labels[(3 * i) % 14] = 1.0
-        items.append(
-            {
-                "image": torch.randn(1, 64, 64, generator=g),
-                "image_view2": torch.randn(1, 64, 64, generator=g),
-                "report": REPORTS[i % len(REPORTS)],
-                "labels": labels,
-                "patient_id": f"p{i}",
-                "study_id": f"s{i}",
-            }
-        )
-    return items
+from mlip_fed.pipeline import model_from_config
 
 
 @pytest.fixture(scope="module")
 def vit_model() -> MLIPModel:
     torch.set_num_threads(1)
-    return MLIPModel(ModelConfig(seed=0))
+    return model_from_config(ModelConfig(seed=0))
 
 
 @pytest.fixture(scope="module")
 def batch(vit_model: MLIPModel) -> dict:
-    return MLIPCollator(vit_model.tokenizer, vit_model.kb, max_length=64, swap_prob=1.0, seed=0)(_items())
+    return MLIPCollator(vit_model.tokenizer, vit_model.kb, max_length=64, swap_prob=1.0, seed=0)(dataset_items(4))
 
 
 def _check_all_grads(model: MLIPModel, batch: dict) -> None:
@@ -74,7 +50,7 @@ def test_vit_forward_backward_every_parameter_gets_grad(vit_model: MLIPModel, ba
 
 
 def test_resnet_tiny_groupnorm_every_parameter_gets_grad(batch: dict) -> None:
-    model = MLIPModel(ModelConfig.model_validate({"image": {"arch": "resnet_tiny"}}))
+    model = model_from_config(ModelConfig.model_validate({"image": {"arch": "resnet_tiny"}}))
     assert any(isinstance(m, nn.GroupNorm) for m in model.image_encoder.modules())
     _check_all_grads(model, batch)
 
@@ -90,7 +66,9 @@ def test_encode_shapes(vit_model: MLIPModel, batch: dict) -> None:
     assert torch.allclose(img.patch_weights.sum(dim=1), torch.ones(4), atol=1e-5)
     m = txt.words.shape[1]
     assert txt.embedding.shape == (4, 128) and txt.words.shape == (4, m, 128)
-    assert m == batch["entity_words"].shape[2] == int(batch["word_ids"].max()) + 1
+    # M = L word slots (a shape known without a device read); the real words are the masked-in ones.
+    assert m == batch["entity_words"].shape[2] == batch["input_ids"].shape[1]
+    assert int(txt.word_mask.sum(dim=1).max()) == int(batch["word_ids"].max()) + 1
     assert torch.allclose(txt.word_weights.sum(dim=1), torch.ones(4), atol=1e-5)
     assert (txt.word_weights[~txt.word_mask] == 0).all()
 
@@ -129,13 +107,13 @@ def test_missing_second_view_in_training_is_an_error(vit_model: MLIPModel, batch
 
 def test_seeded_construction_is_identical_and_ema_moves(vit_model: MLIPModel) -> None:
     state = torch.random.get_rng_state()
-    other = MLIPModel(ModelConfig(seed=0))
+    other = model_from_config(ModelConfig(seed=0))
     assert torch.equal(torch.random.get_rng_state(), state)  # caller's RNG untouched
-    a, b = other.state_dict(), MLIPModel(ModelConfig(seed=0)).state_dict()
+    a, b = other.state_dict(), model_from_config(ModelConfig(seed=0)).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert torch.equal(
         other.category_contrast.knowledge.weight,  # type: ignore[union-attr]
-        MLIPModel(ModelConfig(seed=0)).category_contrast.knowledge.weight,  # type: ignore[union-attr]
+        model_from_config(ModelConfig(seed=0)).category_contrast.knowledge.weight,  # type: ignore[union-attr]
     )
     with torch.no_grad():
         for p in other.image_encoder.parameters():
@@ -156,7 +134,7 @@ def test_ablation_config_freezes_unused_heads(batch: dict) -> None:
             }
         }
     )
-    model = MLIPModel(cfg).train()
+    model = model_from_config(cfg).train()
     out = model(batch)
     assert set(out.parts) == {"global_itc", "category_contrast"}
     out.total.backward()
@@ -184,17 +162,17 @@ def test_prototype_bank_sync(vit_model: MLIPModel) -> None:
 
 def test_collator_swaps_are_seeded(vit_model: MLIPModel) -> None:
     col = MLIPCollator(vit_model.tokenizer, vit_model.kb, max_length=64, swap_prob=0.5, seed=3)
-    a, b = col(_items(8)), col(_items(8))
+    a, b = col(dataset_items(8)), col(dataset_items(8))
     assert torch.equal(a["swap_input_ids"], b["swap_input_ids"])
     col.set_epoch(1)
     random.seed(0)
-    assert torch.equal(col(_items(8))["input_ids"], a["input_ids"])
+    assert torch.equal(col(dataset_items(8))["input_ids"], a["input_ids"])
 
 
 def test_text_swap_without_itm_contrasts_the_counterfactual(batch: dict) -> None:
     """ITM off: swaps are per-sample hard negatives on the global embedding, softplus((v·t_swap − v·t)/τ)."""
     cfg = ModelConfig.model_validate({"objectives": {"itm": {"enabled": False}}})
-    model = MLIPModel(cfg)
+    model = model_from_config(cfg)
     assert model.fusion is None
     model.eval()  # no dropout: the loss is then a function of the embeddings alone
     out = model(batch)

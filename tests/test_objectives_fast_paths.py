@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import dataset_items
 
 from mlip_fed.model.objectives.itm import FusionHead, itm_loss
 
@@ -60,26 +61,18 @@ def test_itm_loss_gradients_equal_full_per_pair_computation() -> None:
 def test_counterfactual_loss_on_valid_rows_equals_masked_mean_over_all_rows() -> None:
     """Outside DP only the rows with a counterfactual are encoded; the loss is the masked mean over all B rows."""
     from mlip_fed.data.collate import MLIPCollator
-    from mlip_fed.model import MLIPModel, ModelConfig
+    from mlip_fed.model import ModelConfig
+    from mlip_fed.pipeline import model_from_config
 
     torch.manual_seed(0)
-    model = MLIPModel(ModelConfig.model_validate({"seed": 0, "text": {"dropout": 0.0}})).train()
+    model = model_from_config(ModelConfig.model_validate({"seed": 0, "text": {"dropout": 0.0}})).train()
     reports = [
         "Small left pleural effusion. No pneumothorax.",
         "No acute cardiopulmonary process.",
         "Right lower lobe consolidation concerning for pneumonia.",
         "Heart size is normal. Lungs are clear.",
     ]
-    items = [
-        {
-            "image": torch.randn(1, 64, 64),
-            "report": r,
-            "labels": torch.full((14,), float("nan")),
-            "patient_id": f"p{i}",
-            "study_id": f"s{i}",
-        }
-        for i, r in enumerate(reports)
-    ]
+    items = dataset_items(len(reports), reports=reports, second_view=False, positives=False)
     batch = MLIPCollator(model.tokenizer, model.kb, max_length=64, swap_prob=1.0, seed=0)(items)
     valid = batch["swap_valid"].bool()
     assert 0 < int(valid.sum()) < len(reports)  # some rows have a counterfactual, some do not

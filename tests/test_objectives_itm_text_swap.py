@@ -8,9 +8,9 @@ import random
 import pytest
 import torch
 
+from mlip_fed.knowledge.counterfactual import make_counterfactual
 from mlip_fed.knowledge.mentions import Mention
 from mlip_fed.model.objectives.itm import FusionHead, itm_loss, sample_negatives
-from mlip_fed.model.objectives.text_swap import make_counterfactual
 
 
 def test_negatives_exclude_positive_and_follow_similarity() -> None:

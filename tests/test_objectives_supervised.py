@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from mlip_fed.cli.hydra_config import compose_experiment
 from mlip_fed.config import ConfigError
+from mlip_fed.config_compose import compose_experiment
 from mlip_fed.knowledge.kb import CHEXPERT_CATEGORIES
 from mlip_fed.model.config import ModelConfig, ObjectivesConfig, ProjectionConfig, TextEncoderConfig
 from mlip_fed.model.objectives.supervised import SupervisedHead, masked_bce_loss, supervised_targets
@@ -108,9 +108,9 @@ SUPERVISED_ONLY = {
 
 
 def test_model_trains_the_image_tower_only_and_loss_decreases() -> None:
-    from mlip_fed.model.mlip import MLIPModel
+    from mlip_fed.pipeline import model_from_config
 
-    model = MLIPModel(_tiny_model_config(**SUPERVISED_ONLY))
+    model = model_from_config(_tiny_model_config(**SUPERVISED_ONLY))
     assert model.supervised_head is not None
     trainable = {name.split(".")[0] for name, p in model.named_parameters() if p.requires_grad}
     assert trainable == {"image_encoder", "supervised_head"}
@@ -128,13 +128,13 @@ def test_model_trains_the_image_tower_only_and_loss_decreases() -> None:
 
 
 def test_supervised_off_by_default_leaves_the_model_unchanged() -> None:
-    from mlip_fed.model.mlip import MLIPModel
+    from mlip_fed.pipeline import model_from_config
 
-    plain = MLIPModel(_tiny_model_config())
+    plain = model_from_config(_tiny_model_config())
     assert plain.supervised_head is None and not ObjectivesConfig().supervised.enabled
     assert not any(k.startswith("supervised_head") for k in plain.state_dict())
     # Turned on next to the MLIP objectives, every other initial weight stays the same (the head is built last).
-    both = MLIPModel(_tiny_model_config(supervised={"enabled": True}))
+    both = model_from_config(_tiny_model_config(supervised={"enabled": True}))
     ref = plain.state_dict()
     assert all(torch.equal(ref[k], v) for k, v in both.state_dict().items() if k in ref)
 

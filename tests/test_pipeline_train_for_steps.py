@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mlip_fed import pipeline
-from mlip_fed.cli.hydra_config import compose_experiment
+from mlip_fed.config_compose import compose_experiment
 
 
 def _cfg(tmp_path, *extra: str):

@@ -375,13 +375,13 @@ def test_text_hub_id_resolves_from_local_cache(hf_home: Path, kind: str) -> None
 
 def test_mlip_model_from_hub_id_and_missing_hub_id(hf_home: Path) -> None:
     from mlip_fed.data.tokenizer import load_tokenizer
-    from mlip_fed.model.mlip import MLIPModel
+    from mlip_fed.pipeline import model_from_config
 
     _hub_model(hf_home, "tiny-org/bert", _tiny_text_models()["bert"], load_tokenizer())
-    model = MLIPModel(ModelConfig(text=TextEncoderConfig(checkpoint_dir="tiny-org/bert", max_length=64)))
+    model = model_from_config(ModelConfig(text=TextEncoderConfig(checkpoint_dir="tiny-org/bert", max_length=64)))
     assert [r.tower for r in model.weight_reports] == ["text"]
     with pytest.raises(WeightsNotFound, match=rf"'nobody/absent-model'.*Hugging Face cache {hf_home / 'hub'}"):
-        MLIPModel(ModelConfig(text=TextEncoderConfig(checkpoint_dir="nobody/absent-model")))
+        model_from_config(ModelConfig(text=TextEncoderConfig(checkpoint_dir="nobody/absent-model")))
 
 
 def test_text_checkpoint_below_min_fraction_refused(hf_home: Path) -> None:
@@ -408,8 +408,8 @@ def test_bad_weights_refused_before_any_data_is_read(
     tmp_path: Path, hf_home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from mlip_fed import pipeline
-    from mlip_fed.cli.pretrain import run_pretraining
     from mlip_fed.federation.site import SiteRuntime
+    from mlip_fed.train.run import run_pretraining
 
     def no_data(*args: object, **kwargs: object) -> None:
         raise AssertionError("data was read before the weights were checked")

@@ -9,8 +9,8 @@ import json
 import numpy as np
 import pytest
 
-from mlip_fed.cli.hydra_config import compose_experiment
 from mlip_fed.cli.privacy import main as privacy_main
+from mlip_fed.config_compose import compose_experiment
 from mlip_fed.data.imageio import read_image
 from mlip_fed.privacy.accountant import AccountedStep, calibrate_noise_multiplier, compute_epsilon
 from mlip_fed.privacy.canary import audit_scores

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from mlip_fed.cli.hydra_config import compose_experiment
 from mlip_fed.cli.privacy import main as privacy_main
+from mlip_fed.config_compose import compose_experiment
 from mlip_fed.privacy.canary_run import CanaryRunReport, NoiseOffRefused, check_noise_applied, run_canary_audit
 
 TINY = [

@@ -9,14 +9,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import dp_site_config, round_request
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 import client.app as client_app
-from mlip_fed.cli.hydra_config import compose_experiment
 from mlip_fed.config import ExperimentConfig
 from mlip_fed.federation.payload import RoundRequest, SiteFailure, format_site_error, parse_site_error
-from mlip_fed.federation.site import PRIVACY_LEDGER, RoundRefused, SiteRuntime, initial_global_state
+from mlip_fed.federation.site import PRIVACY_LEDGER, RoundRefused, SiteRuntime
 
 RUN_ID = "err-run"
 #: What a DP reply may carry besides weights and the released bank: functions of the ledger's public parameters or of
@@ -37,36 +37,14 @@ def _numbers_outside_site_tag(reason: str) -> list[str]:
     return re.findall(r"\d", re.sub(r"^\[site=[^\]]*\]", "", reason))
 
 
-def _cfg() -> ExperimentConfig:
-    return compose_experiment(
-        [
-            "experiment=smoke",
-            "privacy=bucketed",
-            "data.synthetic.studies_per_site=16",
-            "train.max_steps=2",
-            "train.num_threads=1",
-            "privacy.epsilon_budget=60",
-            "privacy.prototype_noise_multiplier=3.0",
-            "privacy.prototype_contribution_bound=8",
-        ]
-    )
-
-
 def _request(cfg: ExperimentConfig, server_round: int) -> RoundRequest:
-    weights, bank, _ = initial_global_state(cfg)
-    keys = ("prototypes_image", "prototypes_text", "initialized")
-    return RoundRequest(
-        server_round,
-        weights,
-        {k: bank[k] for k in keys},
-        {"server-round": server_round, "run-id": RUN_ID, "num-rounds": 3, "local-epochs": 1},
-    )
+    return round_request(cfg, server_round, RUN_ID, num_rounds=3)
 
 
 @pytest.fixture(scope="module")
 def dp_round(tmp_path_factory: pytest.TempPathFactory):
     torch.set_num_threads(1)
-    cfg = _cfg()
+    cfg = dp_site_config()
     lines: list[str] = []
     site = SiteRuntime(cfg, 0, tmp_path_factory.mktemp("site") / "site_0", log=lines.append)
     update = site.train_round(_request(cfg, 1))

@@ -6,41 +6,15 @@ per-sample terms that only see the sample's own group, so total(batch) = sum_g (
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
+from conftest import dataset_items
 
 from mlip_fed.data.collate import MLIPCollator
 from mlip_fed.model import MLIPModel, ModelConfig
 from mlip_fed.model.objectives.global_itc import GlobalITC, soft_target_itc_loss
 from mlip_fed.model.objectives.itm import sample_group_negatives
-
-REPORTS = [
-    "Small left pleural effusion. No pneumothorax.",
-    "Heart size is enlarged, consistent with cardiomegaly.",
-    "No acute cardiopulmonary process.",
-    "Right lower lobe consolidation concerning for pneumonia. Endotracheal tube in place.",
-]
-
-
-def make_items(n: int, seed: int = 1) -> list[dict]:
-    g = torch.Generator().manual_seed(seed)
-    items = []
-    for i in range(n):
-        labels = torch.full((14,), math.nan)
-        labels[(3 * i) % 14] = 1.0
-        items.append(
-            {
-                "image": torch.randn(1, 64, 64, generator=g),
-                "image_view2": torch.randn(1, 64, 64, generator=g),
-                "report": REPORTS[i % len(REPORTS)],
-                "labels": labels,
-                "patient_id": f"p{i}",
-                "study_id": f"s{i}",
-            }
-        )
-    return items
+from mlip_fed.pipeline import model_from_config
 
 
 def subset(batch: dict, idx: torch.Tensor) -> dict:
@@ -54,11 +28,11 @@ def model() -> MLIPModel:
     torch.set_num_threads(1)
     cfg = ModelConfig(seed=0)
     cfg = cfg.model_copy(update={"text": cfg.text.model_copy(update={"dropout": 0.0})})
-    return MLIPModel(cfg).train()
+    return model_from_config(cfg).train()
 
 
 def test_batch_loss_is_weighted_sum_of_group_losses(model: MLIPModel) -> None:
-    batch = MLIPCollator(model.tokenizer, model.kb, max_length=64, swap_prob=1.0, seed=0)(make_items(6))
+    batch = MLIPCollator(model.tokenizer, model.kb, max_length=64, swap_prob=1.0, seed=0)(dataset_items(6))
     groups = torch.tensor([0, 0, 1, 2, 2, 3])  # groups of size <= 2: ITM negatives are deterministic
     batch["group_ids"] = groups
     with torch.no_grad():
@@ -79,7 +53,7 @@ def test_batch_loss_is_weighted_sum_of_group_losses(model: MLIPModel) -> None:
 
 
 def test_singleton_groups_give_finite_loss_and_gradients(model: MLIPModel) -> None:
-    batch = MLIPCollator(model.tokenizer, model.kb, max_length=64, swap_prob=1.0, seed=0)(make_items(3))
+    batch = MLIPCollator(model.tokenizer, model.kb, max_length=64, swap_prob=1.0, seed=0)(dataset_items(3))
     batch["group_ids"] = torch.tensor([0, 1, 2])
     model.zero_grad(set_to_none=True)
     out = model(batch)

@@ -31,8 +31,9 @@ class PublicNegativesModel(nn.Module):
         self.kb = SimpleNamespace(concepts=[SimpleNamespace(knowledge_text=f"concept {i}") for i in range(5)])
         self._public = torch.randn(5, 3, generator=torch.Generator().manual_seed(1))
 
-    def _encode_texts(self, texts: list[str]) -> torch.Tensor:
-        return self._public[: len(texts)]
+    @torch.no_grad()
+    def embed_public_texts(self, texts: list[str]) -> torch.Tensor:
+        return self.text_global_head(self._public[: len(texts)])
 
     def encode_image(self, image: torch.Tensor) -> SimpleNamespace:
         return SimpleNamespace(embedding=F.normalize(self.image(image), dim=1))

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from mlip_fed.cli.hydra_config import compose_experiment
 from mlip_fed.cli.privacy import main as privacy_main
+from mlip_fed.config_compose import compose_experiment
 from mlip_fed.privacy.canary_run import NoiseOffRefused
 from mlip_fed.privacy.release import release_prototypes
 from mlip_fed.privacy.release_canaries import (

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mlip_fed.cli.hydra_config import compose_experiment
 from mlip_fed.config import ExperimentConfig
+from mlip_fed.config_compose import compose_experiment
 from mlip_fed.federation.payload import RoundRequest, SiteUpdate
 from mlip_fed.federation.site import PRIVACY_LEDGER, RoundRefused, SiteRuntime, initial_global_state
 from mlip_fed.privacy.ledger import PrivacyLedger

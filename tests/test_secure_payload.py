@@ -211,7 +211,7 @@ def test_strategy_sends_fitins_and_feeds_the_unmasked_sum_to_the_coordinator(tmp
     from flwr.app import Error
     from flwr.common import parameters_to_ndarrays
 
-    from client.secagg import LAYOUT_KEY, MAX_EXAMPLES_KEY
+    from mlip_wire.codec import LAYOUT_KEY, MAX_EXAMPLES_KEY
 
     strategy, manager, proxy, log = _strategy(tmp_path)
     instructions = strategy.configure_fit(1, None, manager)

@@ -15,8 +15,10 @@ from pathlib import Path
 import pytest
 
 from mlip_fed.federation import simulation
-from mlip_fed.federation.simulation import SimulationResult, _alive, descendants, resume_hint, superlink_pids
+from mlip_fed.federation.simulation import SimulationResult, resume_hint
+from mlip_fed.federation.superlink_tree import superlink_pids
 from mlip_fed.federation.watchdog import start_time, stop_watchdog
+from mlip_fed.process_tree import alive, descendants
 
 # Stands in for `flower-superlink` (stop_superlink finds it by that word in its command line and its FLWR_HOME) with
 # one child, as the SuperExec below a real one.
@@ -25,9 +27,9 @@ FAKE_SUPERLINK = "import subprocess, sys, time; subprocess.Popen([sys.executable
 
 def _wait_gone(pids: list[int], timeout_s: float = 30.0) -> list[int]:
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+    while time.monotonic() < deadline and any(alive(p) for p in pids):
         time.sleep(0.1)
-    return [p for p in pids if _alive(p)]
+    return [p for p in pids if alive(p)]
 
 
 def test_watchdog_stops_the_tree_when_the_launcher_dies(tmp_path: Path) -> None:
@@ -50,7 +52,7 @@ def test_watchdog_stops_the_tree_when_the_launcher_dies(tmp_path: Path) -> None:
         cmd = [sys.executable, "-m", "mlip_fed.federation.watchdog", str(launcher.pid), str(home)]
         watchdog = subprocess.Popen([*cmd, "--pid", str(extra.pid), "--remove-home"], start_new_session=True)
         time.sleep(1.0)  # it watches; nothing is touched while the launcher lives
-        assert watchdog.poll() is None and all(_alive(p) for p in tree) and home.is_dir()
+        assert watchdog.poll() is None and all(alive(p) for p in tree) and home.is_dir()
         launcher.kill()  # the launcher dies outright: no teardown of its own
         launcher.wait()
         assert watchdog.wait(timeout=60) == 0

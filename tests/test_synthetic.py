@@ -16,20 +16,11 @@ from PIL import Image
 
 from mlip_fed.cli import data_synth
 from mlip_fed.data.manifest_writer import MANIFEST_COLUMNS
-from mlip_fed.data.synthetic import (
-    FINDING_SPECS,
-    FINDINGS,
-    MASK_CLASS_NAMES,
-    MASK_INDEX,
-    Finding,
-    Study,
-    generate_federation,
-    make_site_profiles,
-    new_finding,
-    render_study,
-    sample_anatomy,
-)
-from mlip_fed.data.synthetic_reports import Statement, aggregate_labels, write_report
+from mlip_fed.data.synthetic.findings import FINDING_SPECS, FINDINGS, MASK_CLASS_NAMES, MASK_INDEX, Finding
+from mlip_fed.data.synthetic.render import render_study
+from mlip_fed.data.synthetic.reports import Statement, aggregate_labels, write_report
+from mlip_fed.data.synthetic.sampling import Study, make_site_profiles, new_finding, sample_anatomy
+from mlip_fed.data.synthetic.write import generate_federation
 from mlip_fed.knowledge.kb import CHEXPERT_CATEGORIES, load_knowledge_base
 
 SITES, STUDIES = 2, 12

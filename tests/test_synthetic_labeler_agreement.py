@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import math
 
-from mlip_fed.data.synthetic import generate_federation
+from mlip_fed.data.synthetic.write import generate_federation
 from mlip_fed.knowledge.kb import CHEXPERT_CATEGORIES
 from mlip_fed.knowledge.labeler import label_report
 

@@ -16,20 +16,18 @@ import pytest
 from PIL import Image
 
 from mlip_fed.cli import data_synth
-from mlip_fed.cli.hydra_config import compose_experiment
 from mlip_fed.config import ConfigError, SynthDifficulty
-from mlip_fed.data.synthetic import (
+from mlip_fed.config_compose import compose_experiment
+from mlip_fed.data.synthetic.findings import (
     DIFFICULTY_NAMES,
     DIFFICULTY_TIERS,
     FINDING_SPECS,
     MASK_INDEX,
     difficulty_tier,
-    generate_federation,
-    make_site_profiles,
-    new_finding,
-    render_study,
-    sample_anatomy,
 )
+from mlip_fed.data.synthetic.render import render_study
+from mlip_fed.data.synthetic.sampling import make_site_profiles, new_finding, sample_anatomy
+from mlip_fed.data.synthetic.write import generate_federation
 
 SITES, STUDIES = 2, 10
 

@@ -93,6 +93,29 @@ def test_resume_mid_epoch_is_exact(tmp_path) -> None:
         assert torch.equal(a, b), name
 
 
+def test_resume_at_an_epoch_boundary_is_exact(tmp_path) -> None:
+    """A checkpoint written at the end of an epoch (how every federated round ends) resumes into the next epoch's own
+    seed, as the uninterrupted run does: the RNG state saved at the end of the previous epoch must not replace it
+    (before the fix it did, so a one-site federation of 3 rounds drew other dropout / ITM negatives / report edits than
+    3 epochs of centralized training, docs/federation.md)."""
+    straight = _trainer(tmp_path / "a")
+    straight.fit(_loader(), epochs=3)
+
+    first = _trainer(tmp_path / "b")
+    first.fit(_loader(), epochs=1)
+    assert first.state.epoch == 1 and first.state.batches_done_in_epoch == 0
+    first.save_checkpoint(tmp_path / "ckpt.pt")
+
+    resumed = _trainer(tmp_path / "c")
+    torch.manual_seed(12345)
+    resumed.load_checkpoint(tmp_path / "ckpt.pt")
+    resumed.fit(_loader(), epochs=2)
+
+    assert resumed.state.global_step == straight.state.global_step == 15
+    for (name, a), (_, b) in zip(straight.model.state_dict().items(), resumed.model.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+
+
 def test_nan_loss_names_the_objective(tmp_path) -> None:
     trainer = _trainer(tmp_path, model=_ToyModel(explode_at=3))
     with pytest.raises(TrainingDiverged, match=r"objective 'reg'.*step 3"):

@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     for name, load in _loaders(args):
         records, report = load()
         if not args.no_decode:
-            records, decoded = validate_records(records)
+            records, decoded = validate_records(records, progress=True)
             report.merge(decoded)
             report.loaded = len(records)
         total_loaded += len(records)

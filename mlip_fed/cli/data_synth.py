@@ -11,7 +11,8 @@ import time
 from pathlib import Path
 
 from mlip_fed.cli.help_format import describe, subparser_options
-from mlip_fed.data.synthetic import DIFFICULTY_NAMES, generate_federation
+from mlip_fed.data.synthetic.findings import DIFFICULTY_NAMES
+from mlip_fed.data.synthetic.write import generate_federation
 from mlip_fed.knowledge.kb import CHEXPERT_CATEGORIES
 
 

@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mlip_fed.cli.arg_types import at_least
+
 REPO = Path(__file__).resolve().parents[2]
 #: Learning rate of the supervised ceiling (the calibration's, bench/synth_tiers.py).
 SUPERVISED_LR = 1e-3
@@ -28,12 +30,15 @@ SUPERVISED_LR = 1e-3
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mlip-demo", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=REPO / "demo_out")
-    parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--studies-per-site", type=int, default=1000)
-    parser.add_argument("--sites", type=int, default=3)
-    parser.add_argument("--local-epochs", type=int, default=2, help="local epochs per round at each site")
+    parser.add_argument("--rounds", type=at_least(1), default=10)
+    parser.add_argument("--studies-per-site", type=at_least(1), default=1000)
+    parser.add_argument("--sites", type=at_least(1), default=3)
+    parser.add_argument("--local-epochs", type=at_least(1), default=2, help="local epochs per round at each site")
     parser.add_argument(
-        "--supervised-steps", type=int, default=800, help="optimiser steps of the supervised ceiling (0: leave it out)"
+        "--supervised-steps",
+        type=at_least(0),
+        default=800,
+        help="optimiser steps of the supervised ceiling (0: leave it out)",
     )
     parser.add_argument("--verbose", action="store_true", help="also show Flower's and Ray's DEBUG/INFO lines")
     parser.add_argument("overrides", nargs="*", help="extra hydra overrides for the federation")
@@ -59,8 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         "train.progress_bar=false",
         *args.overrides,
     ]
-    from mlip_fed.cli.hydra_config import compose_experiment
     from mlip_fed.config import ConfigError
+    from mlip_fed.config_compose import compose_experiment
 
     try:
         cfg = compose_experiment(["experiment=synth_cpu", *overrides])
@@ -107,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     _banner("4/4  Federated encoder vs random init and the supervised ceiling (frozen encoder, linear probe)")
     results = result.results or {}
     checkpoint = result.output_dir / "checkpoints" / "server_last.pt"
-    from mlip_fed.cli.evaluate import comparison_table, run_evaluation, write_results
+    from mlip_fed.eval.run import comparison_table, run_evaluation, write_results
 
     evaluation = run_evaluation(cfg, checkpoint, compare_random=True)
     renamed = {"random_init": evaluation["random_init"], "federated": evaluation["pretrained"]}
@@ -135,7 +140,7 @@ def _supervised_ceiling(overrides: list[str], steps: int) -> Any:
     one the supervised ceiling was calibrated with (docs/synthcxr.md).
     """
     from mlip_fed import pipeline
-    from mlip_fed.cli.hydra_config import compose_experiment
+    from mlip_fed.config_compose import compose_experiment
 
     cfg = compose_experiment(
         [

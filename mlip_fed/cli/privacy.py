@@ -102,7 +102,7 @@ def _canary(args: argparse.Namespace) -> int:
 
 
 def _canary_run(args: argparse.Namespace) -> int:
-    from mlip_fed.cli.hydra_config import compose_experiment
+    from mlip_fed.config_compose import compose_experiment
     from mlip_fed.io import atomic_write_json
     from mlip_fed.privacy.canary_run import check_noise_applied, resolve_noise_applied_fraction, run_canary_audit
 

@@ -16,6 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from mlip_fed.cli.arg_types import at_least, existing_dir
 from mlip_fed.cli.help_format import HelpFormatter, describe
 
 REPO = Path(__file__).resolve().parents[2]
@@ -24,12 +25,12 @@ REPO = Path(__file__).resolve().parents[2]
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mlip-simulate", description=describe(__doc__), formatter_class=HelpFormatter)
     parser.add_argument("overrides", nargs="*", help="hydra overrides (experiment=..., federation.*=..., ...)")
-    parser.add_argument("--sites", type=int, default=3, help="number of simulated hospitals (SuperNodes)")
-    parser.add_argument("--rounds", type=int, default=0, help="0 = federation.num_rounds from the config")
+    parser.add_argument("--sites", type=at_least(1), default=3, help="number of simulated hospitals (SuperNodes)")
+    parser.add_argument("--rounds", type=at_least(0), default=0, help="0 = federation.num_rounds from the config")
     parser.add_argument("--out", type=Path, required=True, help="output folder (results.json, plot, checkpoints)")
     parser.add_argument(
         "--cpus-per-site",
-        type=int,
+        type=at_least(1),
         default=1,
         help="CPU cores (Ray resources and torch threads) for each site's ClientApp",
     )
@@ -41,8 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="GPUs for each site's ClientApp (Flower client resources; 0.5 puts two sites on one GPU). With 0, "
         "Ray hides every GPU from the sites, so train.device=cuda is refused",
     )
-    parser.add_argument("--timeout", type=float, default=3600.0, help="seconds before the run is stopped")
-    parser.add_argument("--app-dir", type=Path, default=REPO, help="the Flower app (this checkout)")
+    parser.add_argument("--timeout", type=at_least(1, float), default=3600.0, help="seconds before the run is stopped")
+    parser.add_argument("--app-dir", type=existing_dir, default=REPO, help="the Flower app (this checkout)")
     parser.add_argument(
         "--verbose",
         action="store_true",
@@ -66,8 +67,8 @@ def main(argv: list[str] | None = None) -> int:
             experiment = item.split("=", 1)[1]
         else:
             overrides.append(item)
-    from mlip_fed.cli.hydra_config import compose_experiment
     from mlip_fed.config import ConfigError
+    from mlip_fed.config_compose import compose_experiment
 
     try:  # fail here, at start-up, rather than inside the ServerApp
         cfg = compose_experiment([f"experiment={experiment}", *overrides])

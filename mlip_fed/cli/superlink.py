@@ -70,8 +70,9 @@ def _wait_listening(port: int, link: subprocess.Popen, stopping: list[int], time
 
 def main(argv: Sequence[str] | None = None) -> int:
     from mlip_fed.deploy.certs import CA_CERT, SERVER_CERT, SERVER_KEY
+    from mlip_fed.deploy.flower_env import OFFLINE_ENV
     from mlip_fed.deploy.superlink import connection_toml, superlink_command, write_flwr_config
-    from mlip_fed.deploy.supernode import OFFLINE_ENV, _stop_group
+    from mlip_fed.deploy.supernode import _stop_group
 
     args = build_parser().parse_args(argv)
     certs = Path(args.certs).resolve()

@@ -22,9 +22,10 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from mlip_fed.data.shared_value import SharedInt
+from mlip_fed.knowledge.counterfactual import make_counterfactual
 from mlip_fed.knowledge.kb import KnowledgeBase, load_knowledge_base
 from mlip_fed.knowledge.mentions import Mention
-from mlip_fed.model.objectives.text_swap import make_counterfactual
 
 MentionFn = Callable[[str], Sequence[Mention]]
 
@@ -85,7 +86,8 @@ class MLIPCollator:
         self.max_length = max_length
         self.swap_prob = swap_prob
         self.seed = seed
-        self.epoch = 0
+        #: In shared memory: persistent loader workers collate with the epoch the trainer set (``set_epoch``).
+        self._epoch = SharedInt(0)
         self.max_entities = max_entities
         self.max_edits = max_edits
         self.concept_index = {c.id: i for i, c in enumerate(self.kb.concepts)}
@@ -104,8 +106,12 @@ class MLIPCollator:
         if tokenizer.padding_side not in ("right", "left"):
             raise ValueError(f"MLIPCollator: unsupported tokenizer.padding_side={tokenizer.padding_side!r}")
 
+    @property
+    def epoch(self) -> int:
+        return self._epoch.value
+
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self._epoch.value = epoch
 
     def mentions(self, text: str) -> list[Mention]:
         """Labeler mentions, cached by text (templated reports repeat a lot)."""
@@ -207,7 +213,7 @@ class MLIPCollator:
         return batch
 
     def _entities(self, encodings: Sequence[_TextEncoding], word_ids: torch.Tensor) -> dict[str, torch.Tensor]:
-        num_words = max(int(word_ids.max().item()) + 1, 1)
+        num_words = max(word_ids.shape[1], 1)  # spans over L word slots, as the text tower's merge_word_pieces gives
         e_max = max(1, max(len(e.entities or ()) for e in encodings))
         b = len(encodings)
         entity_ids = torch.full((b, e_max), -1, dtype=torch.long)
@@ -231,8 +237,12 @@ class MLIPCollator:
             swapped.append(cf if cf is not None else report)
             valid.append(cf is not None)
         enc = self._pad([self.encode_text(t, with_entities=False) for t in swapped])
+        lengths = enc["attention_mask"].sum(dim=1).tolist()
         return {
             "swap_input_ids": enc["input_ids"],
             "swap_attention_mask": enc["attention_mask"],
             "swap_valid": torch.tensor(valid, dtype=torch.bool),
+            # Per row: the counterfactual's token count, 0 without one. A list, so it stays on the host when the batch
+            # moves to the GPU: MLIPModel._text_swap picks its rows and length from it without a device read.
+            "swap_lengths": [int(n) if ok else 0 for n, ok in zip(lengths, valid, strict=True)],
         }

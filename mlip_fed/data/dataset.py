@@ -18,10 +18,11 @@ counts into its own copy of the dataset, which the main process never sees; run
 
 from __future__ import annotations
 
+import random
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -31,7 +32,11 @@ from torch.utils.data import Dataset, default_collate, get_worker_info
 
 from mlip_fed.data.imageio import ImageDecodeError, read_image, read_label_mask
 from mlip_fed.data.records import SkipReport, StudyRecord
+from mlip_fed.data.shared_value import SharedInt
 from mlip_fed.data.transforms import build_mask_transform, second_view_seed
+
+if TYPE_CHECKING:
+    from mlip_fed.data.device_augment import DeviceAugment
 
 Transform = Callable[[np.ndarray], torch.Tensor]
 
@@ -107,10 +112,17 @@ class ImageReportDataset(Dataset):
         *,
         reader: Callable[[Any], np.ndarray] = read_image,
         cache_bytes: int = DEFAULT_CACHE_BYTES,
+        device_augment: DeviceAugment | None = None,
     ) -> None:
-        """``cache_bytes``: memory for the cached pipeline heads of both views (0 turns the cache off)."""
+        """``cache_bytes``: memory for the cached pipeline heads of both views (0 turns the cache off).
+
+        ``device_augment``: the random part of the augmentation, left out of ``transform`` and applied by the trainer
+        to this dataset's batches on the training device (``data.augment_on_device``). It rides on the dataset so
+        every loader over it (the training loader, the DP Poisson loader) gets it and a loader over an eval dataset
+        (evaluation, bank statistics) never does."""
         if cache_bytes < 0:
             raise ValueError(f"cache_bytes must be >= 0, got {cache_bytes}")
+        self.device_augment = device_augment
         self.records = list(records)
         self.transform = transform
         self.second_view_transform = second_view_transform
@@ -120,6 +132,10 @@ class ImageReportDataset(Dataset):
         self.skips = SkipReport(loaded=len(self.records))
         self._bad: set[int] = set()
         self._lock = threading.Lock()
+        #: The seed of the last ``reseed`` (-1: never), shared with loader workers, and the (seed, worker) this
+        #: process last seeded its transforms for.
+        self._epoch_seed = SharedInt(-1)
+        self._seeded_for: tuple[int, int] | None = None
 
     def __len__(self) -> int:
         return len(self.records)
@@ -128,6 +144,7 @@ class ImageReportDataset(Dataset):
         record = self.records[index]
         if index in self._bad:
             return None
+        self._seed_worker_for_epoch()
         decoded: list[np.ndarray] = []
 
         def pixels() -> np.ndarray:  # read at most once per item, and not at all when every view is cached
@@ -161,11 +178,35 @@ class ImageReportDataset(Dataset):
             self.skips.skip(decode_skip_reason(err, kind), f"{err.path}" + (f" ({err.detail})" if err.detail else ""))
 
     def reseed(self, seed: int) -> None:
-        """Reseed the random transforms (both views, differently); MONAI ``Compose`` supports it."""
+        """Reseed the random transforms (both views, differently); MONAI ``Compose`` supports it.
+
+        Loader workers, persistent ones included, follow: each reseeds itself for (``seed``, its worker id) before
+        its first item of the epoch (``_seed_worker_for_epoch``)."""
+        self._seed_transforms(seed)
+        self._epoch_seed.value = seed % (2**62)
+
+    def _seed_transforms(self, seed: int) -> None:
         for transform, view_seed in ((self.transform, seed), (self.second_view_transform, second_view_seed(seed))):
             set_state = getattr(transform, "set_random_state", None)
             if set_state is not None:
                 set_state(seed=view_seed % (2**32))
+
+    def _seed_worker_for_epoch(self) -> None:
+        """In a loader worker: reseed for (epoch seed, worker id) when the trainer has reseeded since this worker last
+        did. Batches go to workers round-robin from each epoch's start, so every worker's stream, and therefore every
+        item, is the same in an uninterrupted run and in one resumed mid-epoch, with or without persistent workers."""
+        info = get_worker_info()
+        seed = self._epoch_seed.value
+        if info is None or seed < 0 or self._seeded_for == (seed, info.id):
+            return
+        seeded = worker_seed(seed, info.id)
+        self._seed_transforms(seeded)
+        # A worker's global generators start from the loader's per-iterator base seed, which a persistent worker
+        # draws once and a fresh one every epoch; some transforms draw from them, so they follow the epoch too.
+        random.seed(seeded)
+        np.random.seed(seeded)
+        torch.manual_seed(seeded)
+        self._seeded_for = (seed, info.id)
 
 
 class MaskedImageReportDataset(Dataset):
@@ -227,16 +268,24 @@ def _is_lazy(transform: Any) -> bool:
     return bool(getattr(transform, "lazy", False))
 
 
+def worker_seed(epoch_seed: int, worker_id: int) -> int:
+    """The augmentation seed of loader worker ``worker_id`` in the epoch seeded ``epoch_seed`` (never the epoch seed
+    itself, so worker 0 does not replay the stream the training process would use)."""
+    return (epoch_seed * 1_000_003 + 7919 * (worker_id + 1)) % (2**32)
+
+
 def seed_worker(worker_id: int) -> None:
     """``DataLoader(worker_init_fn=seed_worker)``: give each worker its own augmentation stream.
 
     Without it every worker holds an identical copy of the transforms' random state and the workers
     augment in lock-step. The seed comes from torch's per-worker seed, so ``torch.manual_seed`` in
-    the main process still makes the whole run reproducible.
+    the main process still makes the whole run reproducible. Only this worker's transforms are seeded (the
+    shared epoch seed is the training process's to set); once the trainer has reseeded the dataset for an epoch,
+    each worker follows that seed instead (``ImageReportDataset._seed_worker_for_epoch``).
     """
     info = get_worker_info()
     if info is not None and isinstance(info.dataset, ImageReportDataset):
-        info.dataset.reseed(info.seed % (2**32))
+        info.dataset._seed_transforms(info.seed % (2**32))
 
 
 def collate_skipping_none(batch: Sequence[dict[str, Any] | None]) -> dict[str, Any] | None:
@@ -251,12 +300,17 @@ def collate_skipping_none(batch: Sequence[dict[str, Any] | None]) -> dict[str, A
 
 
 def validate_records(
-    records: Sequence[StudyRecord], *, reader: Callable[[Any], np.ndarray] = read_image
+    records: Sequence[StudyRecord], *, reader: Callable[[Any], np.ndarray] = read_image, progress: bool = False
 ) -> tuple[list[StudyRecord], SkipReport]:
-    """Decode every image (and mask) once; keep the records that decode, count the rest by reason."""
+    """Decode every image (and mask) once; keep the records that decode, count the rest by reason.
+
+    ``progress``: a progress bar on a terminal (a MIMIC site decodes ~377k images); never in a log file or pipe.
+    """
+    from tqdm.auto import tqdm
+
     report = SkipReport()
     ok: list[StudyRecord] = []
-    for record in records:
+    for record in tqdm(records, desc="decoding", unit="image", disable=None if progress else True):
         try:
             reader(record.image_path)
             if record.mask_path is not None:

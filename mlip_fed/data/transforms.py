@@ -7,6 +7,9 @@ heart is on the left and reports say "left"/"right", so a flipped image contradi
 
 MLIP's divergence (EMA) encoder sees a second augmentation of the same image; build it with
 :func:`build_view_pair`, which seeds the two pipelines differently so the views differ.
+
+With ``data.augment_on_device`` the loader runs only :func:`build_device_head` and the random part runs batched on
+the training device (``device_augment.DeviceAugment``, same distributions).
 """
 
 from __future__ import annotations
@@ -93,6 +96,18 @@ def build_transforms(
     )
     pipeline.set_random_state(seed=seed)
     return pipeline
+
+
+def build_device_head(image_size: int) -> Compose:
+    """The cheap CPU part of the train pipeline when augmentation runs on the device (``data.augment_on_device``).
+
+    The train pipeline's deterministic geometry (channel-first, resize longest side, pad) and nothing else:
+    [1, S, S] float32 in [0, 1], not normalised. ``device_augment.DeviceAugment`` adds the random tail, the clip and
+    the normalisation on the batch; nothing here is random, so the dataset caches the whole result per record.
+    """
+    if image_size < 8:
+        raise ValueError(f"image_size must be >= 8, got {image_size}")
+    return Compose([*_geometry(image_size), EnsureType(data_type="tensor", dtype=torch.float32, track_meta=False)])
 
 
 def build_mask_transform(image_size: int) -> Compose:

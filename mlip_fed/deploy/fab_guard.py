@@ -110,7 +110,7 @@ def build_fab(app_dir: Path, out_dir: Path) -> Path:
     Flower builds a FAB deterministically from the app's ``pyproject.toml`` and its ``fab-include`` files, so
     the hash of this file is the hash the SuperLink records for the run and the sites receive.
     """
-    from mlip_fed.deploy.supernode import OFFLINE_ENV, flower_executable
+    from mlip_fed.deploy.flower_env import OFFLINE_ENV, flower_executable
 
     app_dir = Path(app_dir).resolve()
     if not (app_dir / "pyproject.toml").is_file():

@@ -12,7 +12,6 @@ never by name.
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -25,9 +24,11 @@ import yaml
 
 from mlip_fed.deploy.certs import CA_CERT, write_ca, write_server_cert, write_site_keys
 from mlip_fed.deploy.fab_guard import CLIENTAPP_COMMAND
+from mlip_fed.deploy.flower_env import OFFLINE_ENV, flower_executable
 from mlip_fed.deploy.superlink import launcher_command, register_command, write_flwr_config
-from mlip_fed.deploy.supernode import OFFLINE_ENV, flower_executable, node_config_arg
-from mlip_fed.federation.simulation import descendants, free_port
+from mlip_fed.deploy.supernode import node_config_arg
+from mlip_fed.federation.simulation import free_port
+from mlip_fed.process_tree import descendants, kill_tree, terminate, tree
 
 CONNECTION = "deploy"
 #: The app every caller runs: this checkout (the tests and the benchmark run from it).
@@ -203,12 +204,7 @@ class LocalDeployment:
     def kill_site(self, site_id: str) -> list[int]:
         """SIGKILL the site's launcher, SuperNode, SuperExec and ClientApps (by PID): a crash, not a shutdown."""
         proc = self.procs[site_id]
-        pids = [*reversed(descendants(proc.pid)), proc.pid]
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        pids = kill_tree(proc.pid)
         proc.wait(timeout=10)
         return pids
 
@@ -230,26 +226,7 @@ class LocalDeployment:
 
     def stop(self, grace_s: float = 20.0) -> None:
         """SIGTERM every process started here and its descendants (by PID); SIGKILL what is left after ``grace_s``."""
-        pids: list[int] = []
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                pids += [*reversed(descendants(proc.pid)), proc.pid]
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + grace_s
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        terminate(tree(proc.pid for proc in self.procs.values() if proc.poll() is None), grace_s)
         for proc in self.procs.values():
             if proc.poll() is None:
                 proc.wait(timeout=10)

@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from mlip_fed.deploy.certs import CA_CERT, SERVER_CERT, SERVER_KEY
-from mlip_fed.deploy.supernode import flower_executable
+from mlip_fed.deploy.flower_env import flower_executable
 
 #: Where the sites reach the Fleet gateway, and where the SuperLink itself listens (this host only).
 FLEET_PORT = 9092

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -23,6 +22,7 @@ from types import FrameType
 from typing import TextIO
 
 from mlip_fed.config import ConfigError, SiteConfig
+from mlip_fed.deploy.flower_env import OFFLINE_ENV, flower_executable
 
 NODE_CONFIG_KEY = "site-config"
 
@@ -42,26 +42,6 @@ _GRACEFUL = {1, 2, 3}
 def _task_exit(code: int) -> bool:
     """An exit code a ClientApp process logs (it writes to the SuperNode's log): not how the SuperNode ended."""
     return 250 <= code < 300 or code in (607, 608) or 800 <= code < 900
-
-
-#: A site talks to its SuperLink only: no telemetry, no update check, no model hub (docs/architecture.md, invariant 6).
-OFFLINE_ENV = {
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-}
-
-
-def flower_executable(name: str) -> str:
-    """The Flower console script of *this* environment first (the one that has mlip_fed installed)."""
-    local = Path(sys.executable).parent / name
-    if local.is_file():
-        return str(local)
-    found = shutil.which(name)
-    if found is None:
-        raise FileNotFoundError(f"`{name}` not found next to {sys.executable} or on PATH; install flwr>=1.42,<1.43")
-    return found
 
 
 def node_config_arg(site_config_path: Path) -> str:

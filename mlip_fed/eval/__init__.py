@@ -3,7 +3,7 @@
 Every evaluator works on features cached by one pass of the encoder (``extract_features``), and
 depends only on the ``encode_image`` / ``encode_text`` protocol, never on how the model was trained.
 
-The names load on first use: ``mlip_fed.config`` imports ``mlip_fed.eval.report`` (for ``EvalConfig``), and an
+The names load on first use: ``mlip_fed.config`` imports ``mlip_fed.eval.config`` (for ``EvalConfig``), and an
 eager package would load sklearn (linear probe) and the segmentation decoder into every ClientApp process.
 """
 
@@ -23,7 +23,7 @@ _WHERE = {
     "binary_auroc": "mlip_fed.eval.linear_probe",
     "label_fraction_subset": "mlip_fed.eval.linear_probe",
     "run_linear_probe": "mlip_fed.eval.linear_probe",
-    "EvalConfig": "mlip_fed.eval.report",
+    "EvalConfig": "mlip_fed.eval.config",
     "EvalResult": "mlip_fed.eval.report",
     "evaluate_all": "mlip_fed.eval.report",
     "evaluate_features": "mlip_fed.eval.report",

@@ -17,6 +17,7 @@ from typing import Any, NotRequired, Protocol, TypedDict, runtime_checkable
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
 
 from mlip_fed.knowledge.kb import CHEXPERT_CATEGORIES
 
@@ -136,8 +137,12 @@ def extract_features(
     max_length: int = 128,
     with_patches: bool = False,
     with_masks: bool = False,
+    progress: bool = False,
 ) -> FeatureSet:
     """Run the frozen encoder once over ``dataset`` and cache what the evaluators need.
+
+    ``progress``: a progress bar over the batches when stderr is a terminal (``mlip-eval``, a site's evaluation
+    round); silent in logs, pipes and simulation actors.
 
     The model must already live on ``device``. It is put in eval mode (dropout and batch-norm
     statistics must not change the features) and its previous mode is restored afterwards, because
@@ -162,7 +167,7 @@ def extract_features(
     reports: list[str] = []
     grid: tuple[int, int] | None = None
     try:
-        for batch in loader:
+        for batch in tqdm(loader, desc="features", unit="batch", disable=None if progress else True):
             if batch is None:
                 continue
             out = model.encode_image(batch["image"].to(device).float())

@@ -26,18 +26,17 @@ import logging
 import math
 import warnings
 from collections.abc import Sequence
-from typing import Annotated, Literal
+from typing import Annotated
 
 import numpy as np
 import torch
 from pydantic import BaseModel, BeforeValidator, ConfigDict, PlainSerializer
 from torch import Tensor
 
+from mlip_fed.eval.config import UncertaintyPolicy
 from mlip_fed.knowledge.kb import CHEXPERT_CATEGORIES
 
 log = logging.getLogger(__name__)
-
-UncertaintyPolicy = Literal["u_ones", "u_zeros", "mgca"]
 
 #: A float that may be NaN ("undefined", e.g. AUROC on single-class labels). JSON has no NaN, so it is
 #: written as ``null`` and read back as NaN: result files stay standard JSON and round-trip exactly.

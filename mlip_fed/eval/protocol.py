@@ -26,8 +26,8 @@ from typing import TypeVar
 import numpy as np
 from torch import Tensor
 
+from mlip_fed.eval.config import UncertaintyPolicy
 from mlip_fed.eval.linear_probe import (
-    UncertaintyPolicy,
     binarize_labels,
     class_indices,
     default_classes,

@@ -8,18 +8,22 @@ meant to improve. Patches are assumed row-major over the grid (ViT token order, 
 conv map).
 
 Masks are single-label: 0 = background, k = ``class_names[k-1]``. Prediction is the per-pixel argmax
-(for one finding that equals thresholding the softmax at 0.5). Dice is per image and per class, with
-empty ground truth and empty prediction scoring 1 (MGCA's convention), averaged over images;
-``dice_positive`` averages only over images that contain the class. Training is deterministic on
-CPU for a given seed (the global RNG is forked, so the caller's stream is untouched).
+(for one finding that equals thresholding the softmax at 0.5). Dice is MONAI's ``DiceMetric``, per image and
+per class, with empty ground truth and empty prediction scoring 1 (MGCA's convention), averaged over images;
+``dice_positive`` averages only over images that contain the class. The loss is MONAI's ``DiceCELoss`` with
+class weights: findings cover a few per cent of the pixels, and unweighted, the probe settles on background
+everywhere (Dice on positives 0 for every encoder, the supervised one included). Training is deterministic
+on CPU for a given seed (the global RNG is forked, so the caller's stream is untouched).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
+from monai.losses import DiceCELoss
+from monai.metrics import DiceMetric
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -73,19 +77,14 @@ def patches_to_grid(patches: Tensor, grid: tuple[int, int]) -> Tensor:
 def dice_scores(pred: Tensor, target: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
     """Per-image Dice [N, K] for foreground classes 1..K and a mask [N, K] of images containing the class.
 
-    Dice = 2|P∩G| / (|P| + |G|), and 1 when both are empty.
+    Dice = 2|P∩G| / (|P| + |G|), and 1 when both are empty (MONAI's ``DiceMetric`` with ``ignore_empty=False``).
     """
     if pred.shape != target.shape or pred.ndim != 3:
         raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} must both be [N, H, W]")
-    dice, present = [], []
-    for k in range(1, num_classes):
-        p = pred == k
-        g = target == k
-        inter = (p & g).sum((1, 2)).double()
-        denom = (p.sum((1, 2)) + g.sum((1, 2))).double()
-        dice.append(torch.where(denom > 0, 2 * inter / denom.clamp_min(1), torch.ones_like(denom)))
-        present.append(g.any(2).any(1))
-    return torch.stack(dice, 1), torch.stack(present, 1)
+    metric = DiceMetric(include_background=False, reduction="none", ignore_empty=False, num_classes=num_classes)
+    dice = metric(pred.unsqueeze(1), target.unsqueeze(1)).double()
+    present = torch.stack([(target == k).flatten(1).any(1) for k in range(1, num_classes)], 1)
+    return dice, present
 
 
 class SegmentationResult(BaseModel):
@@ -104,15 +103,32 @@ class SegmentationResult(BaseModel):
     n_test: int
 
 
-def _loss(logits: Tensor, target: Tensor) -> Tensor:
-    """Cross-entropy + (1 − soft Dice over foreground): CE alone collapses to background on sparse masks."""
-    ce = F.cross_entropy(logits, target)
-    prob = logits.softmax(1)[:, 1:]
-    onehot = F.one_hot(target, logits.shape[1]).permute(0, 3, 1, 2)[:, 1:].to(prob.dtype)
-    inter = (prob * onehot).sum((0, 2, 3))
-    denom = prob.sum((0, 2, 3)) + onehot.sum((0, 2, 3))
-    soft_dice = ((2 * inter + 1.0) / (denom + 1.0)).mean()
-    return ce + (1 - soft_dice)
+def class_weights(masks: Tensor, num_classes: int) -> Tensor:
+    """Per-class loss weights [num_classes]: sqrt of inverse pixel frequency in ``masks``, background = 1.
+
+    Full inverse frequency overshoots (the probe then paints a finding over every pixel); the square root
+    balances without that. A class absent from ``masks`` gets weight 1: it never is a target anyway.
+    """
+    counts = torch.bincount(masks.flatten(), minlength=num_classes).double()
+    freq = counts / counts.sum()
+    weights = torch.where(counts > 0, (freq[0].clamp_min(1e-12) / freq.clamp_min(1e-12)).sqrt(), torch.ones_like(freq))
+    return weights.float()
+
+
+def _loss_fn(masks: Tensor, num_classes: int, device: torch.device) -> Callable[[Tensor, Tensor], Tensor]:
+    """Cross-entropy + soft Dice over the foreground classes, both class-weighted (``class_weights``).
+
+    The Dice term is over the whole batch (``batch=True``): a finding absent from one image is no reason to
+    punish that image's prediction by a full Dice loss.
+    """
+    loss = DiceCELoss(
+        include_background=False,
+        to_onehot_y=True,
+        softmax=True,
+        batch=True,
+        weight=class_weights(masks, num_classes),
+    ).to(device)
+    return lambda logits, target: loss(logits, target.unsqueeze(1))
 
 
 def _check_masks(masks: Tensor, num_classes: int, where: str) -> None:
@@ -148,6 +164,7 @@ def train_decoder(
         torch.manual_seed(seed)
         decoder = SegmentationDecoder(x.shape[1], num_classes, grid, masks.shape[-1], hidden).to(device)
     optimizer = torch.optim.AdamW(decoder.parameters(), lr=lr)
+    loss_fn = _loss_fn(masks, num_classes, device)
     generator = torch.Generator().manual_seed(seed)
     decoder.train()
     last = math.nan
@@ -157,7 +174,7 @@ def train_decoder(
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             logits = decoder(x[idx].to(device))
-            loss = _loss(logits, masks[idx].to(device))
+            loss = loss_fn(logits, masks[idx].to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -47,6 +47,7 @@ from mlip_fed.federation.server_state import (
     load_server_state,
     save_server_state,
 )
+from mlip_fed.federation.site_evaluation import SiteEvaluatorFn, aggregate_site_evaluations, evaluation_line
 from mlip_fed.federation.tensorboard import RoundWriter
 from mlip_fed.io import atomic_write_text
 
@@ -73,9 +74,13 @@ class FederationCoordinator:
         initial_weights: Mapping[str, Tensor],
         initial_bank: Mapping[str, Tensor],
         evaluator: Evaluator | None = None,
+        site_evaluator: SiteEvaluatorFn | None = None,
         num_rounds: int | None = None,
         log: Callable[[str], None] = print,
     ) -> None:
+        """``evaluator``: the server's own held-out set (``federation.server_evaluation``); ``site_evaluator``: the
+        sites' evaluation of the global model on their own splits (``federation.site_evaluation``). Either, both or
+        neither run at round 0, every ``evaluate_every`` rounds and at the last round."""
         if not Path(output_dir).is_absolute():
             raise ValueError(f"output dir must be absolute (the ServerApp runs in the SuperLink's cwd): {output_dir}")
         self.cfg = cfg
@@ -85,6 +90,7 @@ class FederationCoordinator:
         if self.num_rounds < 1:
             raise ValueError(f"num_rounds must be >= 1, got {self.num_rounds}")
         self.evaluator = evaluator
+        self.site_evaluator = site_evaluator
         self.log = log
         self.optimizer = build_server_optimizer(self.fed.strategy, self.fed.server_lr)
         self.client_dp = settings_from_config(self.fed)  # None unless federation.client_dp; refuses half-configured
@@ -147,10 +153,9 @@ class FederationCoordinator:
         self.log(table_header())
         if self.state.completed_round == 0 and not self.state.history:
             record: dict[str, Any] = {"round": 0, "aggregated": False, "num_sampled": 0, "num_updates": 0}
-            if self.evaluator is not None:
-                t0 = time.perf_counter()
-                record["eval"] = self.evaluator(self.state.weights, self.state.bank)
-                record["seconds"] = {"evaluation": time.perf_counter() - t0, "round": time.perf_counter() - t0}
+            if self.evaluator is not None or self.site_evaluator is not None:
+                seconds = self._evaluate(0, record)
+                record["seconds"] = {"evaluation": seconds, "round": seconds}
             self.state.history.append(record)
             self._persist("running")
             if self.tensorboard is not None:
@@ -183,6 +188,15 @@ class FederationCoordinator:
         wanted = max(self.fed.min_train_nodes, math.ceil(self.fed.fraction_train * len(available)))
         wanted = min(wanted, len(available))
         return sorted(random.Random(self.cfg.seed * 100_003 + server_round).sample(available, wanted))
+
+    def evaluation_request(self, server_round: int) -> RoundRequest:
+        """What the sites evaluate: the global model and bank after ``server_round`` (0: the initial model)."""
+        return RoundRequest(
+            server_round=server_round,
+            weights=self.state.weights,
+            bank={k: self.state.bank[k] for k in BANK_GLOBAL_KEYS},
+            config={"server-round": server_round, "run-id": self.run_id, "num-rounds": self.num_rounds},
+        )
 
     def round_request(self, server_round: int) -> RoundRequest:
         return RoundRequest(
@@ -358,10 +372,8 @@ class FederationCoordinator:
     ) -> dict[str, Any]:
         """Evaluate, account bytes and seconds, checkpoint and append the record: shared by plain and secure rounds."""
         evaluation_s = 0.0
-        if record["aggregated"] and self.evaluator is not None and self._evaluate_this_round(server_round):
-            t_eval = time.perf_counter()
-            record["eval"] = self.evaluator(self.state.weights, self.state.bank)
-            evaluation_s = time.perf_counter() - t_eval
+        if record["aggregated"] and self._evaluate_this_round(server_round):
+            evaluation_s = self._evaluate(server_round, record)
 
         down_weights = state_nbytes(self.state.weights)
         down_bank = state_nbytes({k: self.state.bank[k] for k in BANK_GLOBAL_KEYS})
@@ -450,6 +462,22 @@ class FederationCoordinator:
         record[CLIENT_DP_KEY]["noise_source"] = "insecure_reproducible" if insecure else "os_entropy"
         return result.weights
 
+    # ------------------------------------------------------------------ evaluation
+    def _evaluate(self, server_round: int, record: dict[str, Any]) -> float:
+        """The server's evaluation into ``record["eval"]``, the sites' into ``record["site_eval"]``; returns seconds.
+
+        A site that fails, refuses (its policy) or times out is named in ``site_eval.failures`` and left out of the
+        aggregate, as in training; the round itself is not affected.
+        """
+        t0 = time.perf_counter()
+        if self.evaluator is not None:
+            record["eval"] = self.evaluator(self.state.weights, self.state.bank)
+        if self.site_evaluator is not None:
+            evaluations, failures = self.site_evaluator(self.evaluation_request(server_round))
+            record["site_eval"] = aggregate_site_evaluations(evaluations, failures)
+            self.log(evaluation_line(server_round, record["site_eval"]))
+        return time.perf_counter() - t0
+
     # ------------------------------------------------------------------ persistence
     def _evaluate_this_round(self, server_round: int) -> bool:
         every = self.fed.evaluate_every
@@ -461,6 +489,8 @@ class FederationCoordinator:
             self.state.history[0].get("eval") if self.state.history and self.state.history[0]["round"] == 0 else None
         )
         evaluated = [r for r in self.state.history if r["round"] > 0 and "eval" in r]
+        site_evaluated = [r for r in self.state.history if r["round"] > 0 and "site_eval" in r]
+        first = self.state.history[0] if self.state.history and self.state.history[0]["round"] == 0 else {}
         payload = {
             "experiment": self.cfg.name,
             "status": status,
@@ -470,6 +500,9 @@ class FederationCoordinator:
             "aggregated_rounds": sum(1 for r in self.state.history if r.get("aggregated")),
             "baseline_eval": baseline,
             "final_eval": evaluated[-1]["eval"] if evaluated else None,
+            # the sites' own evaluation (``federation.site_evaluation``): aggregate metrics of round 0 and the last
+            "baseline_site_eval": first.get("site_eval", {}).get("metrics"),
+            "final_site_eval": site_evaluated[-1]["site_eval"]["metrics"] if site_evaluated else None,
             "rounds": self.state.history,
             "failures": self.state.failures,
             "checkpoint": str(checkpoint_path(self.output_dir)),
@@ -479,21 +512,35 @@ class FederationCoordinator:
         return payload
 
 
-def coordinator_from_run(run: FederationRun, log: Callable[[str], None] = print) -> FederationCoordinator:
-    """Build the initial model (identical at every site: same seed), the evaluator and the coordinator."""
+def coordinator_from_run(
+    run: FederationRun, log: Callable[[str], None] = print, site_evaluator: SiteEvaluatorFn | None = None
+) -> FederationCoordinator:
+    """Build the initial model (identical at every site: same seed), the evaluators and the coordinator.
+
+    The server's own evaluator is built only with ``federation.server_evaluation`` (it reads the server experiment's
+    held-out data); ``site_evaluator`` (how to reach the sites: Flower messages or direct calls) is used only with
+    ``federation.site_evaluation``.
+    """
     from mlip_fed.federation.evaluate import ServerEvaluator
     from mlip_fed.federation.site import initial_global_state
 
     cfg = run.cfg
+    fed = cfg.federation
     weights, bank, model = initial_global_state(cfg)
-    evaluator = ServerEvaluator.from_config(cfg, model, log=log)  # evaluate_every=0: round 0 and last only
-    log(f"[server] {cfg.name}: {run.num_rounds} round(s), strategy {cfg.federation.strategy}, output {run.output_dir}")
+    evaluator = ServerEvaluator.from_config(cfg, model, log=log) if fed.server_evaluation else None
+    where = [w for w, on in (("server", evaluator is not None), ("sites", fed.site_evaluation)) if on]
+    every = f"every {fed.evaluate_every} round(s), " if fed.evaluate_every else ""
+    log(
+        f"[server] {cfg.name}: {run.num_rounds} round(s), strategy {fed.strategy}, output {run.output_dir}; "
+        + (f"evaluation at the {' and the '.join(where)}: round 0, {every}last round" if where else "no evaluation")
+    )
     return FederationCoordinator(
         cfg,
         run.output_dir,
         initial_weights=weights,
         initial_bank=bank,
         evaluator=evaluator,
+        site_evaluator=site_evaluator if fed.site_evaluation else None,
         num_rounds=run.num_rounds,
         log=log,
     )

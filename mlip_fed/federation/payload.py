@@ -1,7 +1,8 @@
-"""What travels in one round, as plain Python/tensor types (Flower encoding lives in ``server/codec.py``).
+"""What travels in one round, as plain Python/tensor types (Flower encoding lives in ``mlip_wire/codec.py``).
 
 Everything a site releases is listed here (docs/architecture.md, invariant 4): the weights, the bank sums and
-counts, and the scalar metrics in ``SiteUpdate``. Nothing else leaves a site.
+counts, and the scalar metrics in ``SiteUpdate``; on request, the evaluation metrics in ``SiteEvaluation``. Nothing
+else leaves a site.
 """
 
 from __future__ import annotations
@@ -38,6 +39,20 @@ class SiteUpdate:
 
 
 @dataclass
+class SiteEvaluation:
+    """Site → server, on request: metrics of the global model on the site's own test split.
+
+    ``num_examples`` is the number of test studies scored (the aggregation weight); ``metrics`` holds the linear-probe,
+    retrieval and zero-shot figures and their counts (``federation.site_evaluation``). Computed on private data:
+    released only where the site's policy allows it (``PrivacyPolicy.evaluation_released``).
+    """
+
+    site_id: str
+    num_examples: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
 class SiteFailure:
     """A site that did not contribute to a round, and why (error reply, timeout, invalid reply)."""
 
@@ -57,7 +72,7 @@ class SiteFailure:
 
 #: Refusal codes a DP site may name in its error reply: each is a function of the site's policy, its ledger's public
 #: parameters, its size (public, as q and the delta check already use it) or the server's own requests.
-PUBLIC_REFUSAL_CODES = ("budget", "delta", "noise", "replay", "mechanism", "ledger")
+PUBLIC_REFUSAL_CODES = ("budget", "delta", "noise", "replay", "mechanism", "ledger", "evaluation")
 
 
 def format_site_error(site_id: str, err: BaseException, *, private: bool = False) -> str:

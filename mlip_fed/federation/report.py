@@ -25,13 +25,19 @@ def table_header() -> str:
     return f"{head}\n{'-' * len(head)}"
 
 
+def headline_eval(record: dict[str, Any]) -> dict[str, Any]:
+    """The round's evaluation for the table and the plot: the server's own when it ran, else the sites' aggregate."""
+    return record.get("eval") or (record.get("site_eval") or {}).get("metrics") or {}
+
+
 def table_row(record: dict[str, Any]) -> str:
+    evaluation = headline_eval(record)
     values = (
         str(record["round"]),
         f"{record.get('num_updates', 0)}/{record.get('num_sampled', 0)}",
         _fmt(record.get("train_loss")),
-        _fmt(record.get("eval", {}).get("auroc")),
-        _fmt(record.get("eval", {}).get("r_at_5")),
+        _fmt(evaluation.get("auroc")),
+        _fmt(evaluation.get("r_at_5")),
         _fmt(record.get("seconds", {}).get("round"), 1),
         str(len(record.get("failures", []))),
     )
@@ -71,8 +77,8 @@ def plot_results(output_dir: Path, history: Sequence[dict[str, Any]], title: str
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
     series = (
         ("train loss", [(r["round"], r.get("train_loss")) for r in history]),
-        ("linear-probe AUROC", [(r["round"], r.get("eval", {}).get("auroc")) for r in history]),
-        ("retrieval R@5", [(r["round"], r.get("eval", {}).get("r_at_5")) for r in history]),
+        ("linear-probe AUROC", [(r["round"], headline_eval(r).get("auroc")) for r in history]),
+        ("retrieval R@5", [(r["round"], headline_eval(r).get("r_at_5")) for r in history]),
     )
     for ax, (label, points) in zip(axes, series, strict=True):
         pts = [(x, y) for x, y in points if y is not None and not (isinstance(y, float) and math.isnan(y))]
@@ -87,18 +93,3 @@ def plot_results(output_dir: Path, history: Sequence[dict[str, Any]], title: str
     fig.savefig(buffer, format="png", dpi=100)
     plt.close(fig)
     return atomic_write_bytes(Path(output_dir) / PLOT_NAME, buffer.getvalue())
-
-
-def replace_docs_block(doc: Path, name: str, content: str) -> Path:
-    """Replace the text between ``<!-- BEGIN name -->`` and ``<!-- END name -->`` in a docs page (append if absent).
-
-    Each benchmark owns one block, so several can write their tables into the same page.
-    """
-    begin, end = f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"
-    text = Path(doc).read_text(encoding="utf-8") if Path(doc).exists() else ""
-    block = f"{begin}\n{content.rstrip()}\n{end}"
-    if begin in text and end in text:
-        text = text[: text.index(begin)] + block + text[text.index(end) + len(end) :]
-    else:
-        text = text.rstrip() + ("\n\n" if text else "") + block + "\n"
-    return atomic_write_bytes(Path(doc), text.encode("utf-8"))

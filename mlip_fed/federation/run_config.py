@@ -38,7 +38,7 @@ HOME_ENV_VAR = "MLIP_FED_HOME"
 
 def project_root() -> Path | None:
     """``$MLIP_FED_HOME``, else the checkout holding ``configs/``; None for an installed package without it."""
-    from mlip_fed.cli.hydra_config import config_dir
+    from mlip_fed.config_compose import config_dir
 
     home = os.environ.get(HOME_ENV_VAR, "").strip()
     if home:
@@ -66,7 +66,7 @@ def experiment_from_run_config(run_config: Mapping[str, object], *, resolve_path
     A deployed site passes ``resolve_paths=False``: the server's output and data folders mean nothing
     there (the site YAML names its own), so they are neither resolved nor refused.
     """
-    from mlip_fed.cli.hydra_config import compose_experiment, split_overrides
+    from mlip_fed.config_compose import compose_experiment, split_overrides
 
     unknown = sorted(set(run_config) - set(RUN_CONFIG_KEYS))
     if unknown:

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from mlip_fed.federation.report import RESULTS_NAME
+from mlip_fed.federation.superlink_tree import stop_superlink
 from mlip_fed.federation.watchdog import start_watchdog, stop_watchdog
 
 
@@ -153,6 +154,7 @@ def simulation_env(flwr_home: Path, http_port: int, control_port: int) -> dict[s
             "FLWR_DISABLE_UPDATE_CHECK": "1",
             "RAY_USAGE_STATS_ENABLED": "0",
             "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # on Linux this makes Ray bind 127.0.0.1, not the host's interface
+            "RAY_DEDUP_LOGS": "0",  # Ray folds the sites' similar lines into "[repeated Nx]": keep every site's own
             "HF_HUB_OFFLINE": "1",
             "TRANSFORMERS_OFFLINE": "1",
             "PYTHONUNBUFFERED": "1",
@@ -217,92 +219,6 @@ def check_gpu_request(train_device: str, num_gpus_per_client: float, host_gpus: 
             "its CPU; pass --gpus-per-site 1 (or a fraction) to train on the GPU"
         )
     return None, None
-
-
-def superlink_pids(flwr_home: Path) -> list[int]:
-    """PIDs of ``flower-superlink`` processes started with this exact FLWR_HOME (ours, and only ours)."""
-    marker = f"FLWR_HOME={flwr_home}".encode()
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes()
-            if b"flower-superlink" not in cmdline:
-                continue
-            if marker in (entry / "environ").read_bytes().split(b"\0"):
-                pids.append(int(entry.name))
-        except OSError:  # exited meanwhile, or not ours to read
-            continue
-    return pids
-
-
-def superlink_tree_rss_bytes(flwr_home: Path) -> int:
-    """Resident memory of the SuperLink started under ``flwr_home`` and everything below it (ServerApp, Ray,
-    ClientApps): what a simulation really costs, which the calling process's own RSS does not show."""
-    total = 0
-    for root in superlink_pids(flwr_home):
-        for pid in [root, *descendants(root)]:
-            try:
-                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                    if line.startswith("VmRSS:"):
-                        total += int(line.split()[1]) * 1024
-            except OSError:  # the process ended between listing and reading
-                continue
-    return total
-
-
-def descendants(pid: int) -> list[int]:
-    """All live descendants of ``pid`` (children first discovered breadth-first), from /proc."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(entry.name))
-    found: list[int] = []
-    queue = [pid]
-    while queue:
-        for child in children.get(queue.pop(0), []):
-            found.append(child)
-            queue.append(child)
-    return found
-
-
-def stop_superlink(flwr_home: Path, timeout_s: float = 20.0) -> list[int]:
-    """Stop our SuperLink and everything it started (SuperExec, the simulation process, Ray), by PID.
-
-    The simulation process runs the ServerApp with an in-process grid: it does not die with the
-    SuperLink, so the whole tree is signalled (SIGTERM, then SIGKILL after ``timeout_s``).
-    """
-    roots = superlink_pids(Path(flwr_home))
-    pids = [p for root in roots for p in [*reversed(descendants(root)), root]]
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and any(_alive(pid) for pid in pids):
-        time.sleep(0.2)
-    for pid in pids:
-        if _alive(pid):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-    return pids
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 def run_flwr_simulation(
@@ -472,19 +388,40 @@ def run_in_process(
     Same maths, same trainer, same checkpoints and results.json as ``flwr run``; the benchmarks use it
     to compare learning (federated vs centralized) without paying Ray/SuperLink start-up per
     configuration. ``central=True`` trains one 'site' on the pooled data: the centralized baseline.
+
+    Evaluation defaults to the server's, on the pooled held-out split (``federation.server_evaluation=true``,
+    ``site_evaluation=false``): the one yardstick shared by the federated and the centralized run. ``overrides`` may
+    switch the sites' own evaluation on; each site is then called directly.
     """
     from mlip_fed import pipeline
     from mlip_fed.federation.coordinator import coordinator_from_run
+    from mlip_fed.federation.payload import RoundRequest, SiteEvaluation, SiteFailure, format_site_error
     from mlip_fed.federation.run_config import experiment_from_run_config
     from mlip_fed.federation.site import SiteRuntime
 
+    defaults = ["federation.server_evaluation=true", "federation.site_evaluation=false"]
     run = experiment_from_run_config(
-        {"experiment": experiment, "overrides": " ".join(overrides), "output-dir": str(Path(output_dir).resolve())}
+        {
+            "experiment": experiment,
+            "overrides": " ".join([*defaults, *overrides]),
+            "output-dir": str(Path(output_dir).resolve()),
+        }
     )
     log = (lambda line: None) if quiet else print
-    coordinator = coordinator_from_run(run, log=log)
     indices: list[int | None] = [None] if central else list(range(run.cfg.data.synthetic.num_sites))
-    sites = [SiteRuntime(run.cfg, k, run.output_dir / "sites" / f"site_{k}", log=log) for k in indices]
+    sites: list[SiteRuntime] = []
+
+    def evaluate_sites(request: RoundRequest) -> tuple[list[SiteEvaluation], list[SiteFailure]]:
+        done, failed = [], []
+        for k, site in enumerate(sites):
+            try:
+                done.append(site.evaluate_round(request))
+            except Exception as err:  # named and left out, as over Flower
+                failed.append(SiteFailure(request.server_round, site.site_id, k, format_site_error(site.site_id, err)))
+        return done, failed
+
+    coordinator = coordinator_from_run(run, log=log, site_evaluator=evaluate_sites)
+    sites.extend(SiteRuntime(run.cfg, k, run.output_dir / "sites" / f"site_{k}", log=log) for k in indices)
     coordinator.start()
     t0 = time.perf_counter()
     for server_round in coordinator.remaining_rounds():

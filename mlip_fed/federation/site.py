@@ -25,12 +25,12 @@ from torch.utils.data import DataLoader
 
 from mlip_fed.config import ExperimentConfig, PrivacyPolicy
 from mlip_fed.federation.aggregate import BANK_STAT_KEYS
-from mlip_fed.federation.payload import RoundRequest, SiteUpdate
+from mlip_fed.federation.payload import RoundRequest, SiteEvaluation, SiteUpdate
 from mlip_fed.federation.reply_store import ReplyStore, exclusive
 from mlip_fed.io import append_jsonl
 from mlip_fed.model.objectives.prototype_bank import PrototypeBank
 from mlip_fed.privacy.ledger import LEDGER_FILENAME
-from mlip_fed.train.trainer import GradientFn, LocalTrainer, standard_gradient
+from mlip_fed.train.trainer import GradientFn, LocalTrainer, LossValue, standard_gradient
 
 TRAINER_CHECKPOINT = "trainer_round_{:04d}.pt"
 #: The site's privacy ledger, in its state dir: it outlives rounds, runs and restarts.
@@ -79,9 +79,9 @@ def proximal_gradient(global_weights: Mapping[str, Tensor], mu: float, max_grad_
     """
     anchors: dict[str, Tensor] = {}
 
-    def gradient(model: nn.Module, batch: dict[str, Any], loss_scale: float) -> dict[str, float]:
+    def gradient(model: nn.Module, batch: dict[str, Any], loss_scale: float) -> dict[str, LossValue]:
         parts = standard_gradient(model, batch, loss_scale)
-        proximal = 0.0
+        proximal: LossValue = 0.0  # a device tensor once a parameter is seen: no per-parameter device-to-host copy
         with torch.no_grad():
             for name, param in model.named_parameters():
                 if not param.requires_grad or param.grad is None:
@@ -91,9 +91,9 @@ def proximal_gradient(global_weights: Mapping[str, Tensor], mu: float, max_grad_
                     anchor = anchors[name] = global_weights[name].to(param.device, param.dtype)
                 diff = param - anchor
                 param.grad.add_(diff, alpha=mu * loss_scale)
-                proximal += float(diff.pow(2).sum())
+                proximal = proximal + diff.pow(2).sum().double()
             if max_grad_norm is not None:
-                parts["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm))
+                parts["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
         parts["proximal"] = 0.5 * mu * proximal
         return parts
 
@@ -166,6 +166,7 @@ class SiteRuntime:
             build_model,
             eval_dataset,
             load_records,
+            loader_options,
             train_dataset,
             train_loader,
         )
@@ -191,6 +192,8 @@ class SiteRuntime:
         if data.skips.total_skipped:
             log(f"[{self.site_id}] skipped records:\n{data.skips.summary()}")
         self.num_train = len(data.train)
+        self._eval_records = (data.train, data.test)  # the site's own evaluation (``evaluate_round``), built lazily
+        self._evaluator: Any = None
         collator = build_collator(self.model, cfg)
         self.collator = collator
         self.train_data = train_dataset(data.train, cfg)
@@ -200,12 +203,16 @@ class SiteRuntime:
         unit_keys = self.patient_ids if cfg.privacy.privacy_unit == "patient" else [r.study_id for r in data.train]
         self.num_units = len(set(unit_keys))
         self.sample_rate = min(1.0, cfg.train.batch_size / max(1, self.num_units))
+        #: Loaders used once per round (the DP Poisson loader, the bank-statistics pass) get workers too, not
+        #: persistent: idle workers would hold the site's memory between rounds.
+        self.round_loader_options = {**loader_options(cfg), "persistent_workers": False} if cfg.data.num_workers else {}
+        # Eval transforms (no randomness) and a fixed order: workers change nothing but the speed.
         self.stats_loader = DataLoader(
             eval_dataset(data.train, cfg),
             batch_size=cfg.train.batch_size,
             shuffle=False,
-            num_workers=0,
             collate_fn=collator,
+            **self.round_loader_options,
         )
 
     @property
@@ -265,7 +272,50 @@ class SiteRuntime:
             "handler_seconds": time.perf_counter() - t_start,
         }
         metrics.update({f"loss_{k}": v for k, v in summary.mean_parts.items() if k not in ("total", "grad_norm")})
+        self.log(
+            f"[{self.site_id}] round {server_round}: {summary.samples} examples, {summary.steps} steps, loss "
+            f"{metrics['train_loss']:.4f}, trained in {train_seconds:.1f} s (handler {metrics['handler_seconds']:.1f} s)"
+        )
         return SiteUpdate(self.site_id, self.num_train, self._weights(), stats, metrics)
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate_round(self, request: RoundRequest) -> SiteEvaluation:
+        """Score the request's global model on this site's own test split (``federation/site_evaluation.py``).
+
+        Refused (``refused (evaluation)``) where the site's policy does not release evaluation metrics: they are
+        computed on its data and no accountant charges them (by default refused under DP). The site's trainer state is
+        untouched: the next training round restores it and loads the global model again.
+        """
+        from mlip_fed.federation.site_evaluation import SiteEvaluator
+
+        server_round = request.server_round
+        policy = self.cfg.privacy
+        if not policy.evaluation_released:
+            reason = (
+                f"refused (evaluation): this site's policy does not release evaluation metrics (privacy.mechanism="
+                f"{policy.mechanism}, release_evaluation={policy.release_evaluation}); they are computed on its data "
+                "and no accountant charges them"
+            )
+            self.log(f"[{self.site_id}] round {server_round}: {reason}")
+            raise RoundRefused(self.site_id, server_round, reason)
+        if self.dp:
+            self.log(
+                f"[{self.site_id}] round {server_round}: WARNING privacy.release_evaluation=true: evaluation metrics "
+                "leave this site outside its epsilon (not charged to the ledger)"
+            )
+        t0 = time.perf_counter()
+        if self._evaluator is None:
+            train, test = self._eval_records
+            self._evaluator = SiteEvaluator(self.cfg, self.model, train, test, self.site_id)
+        self._load_global(request)
+        metrics = self._evaluator()
+        seconds = time.perf_counter() - t0
+        self.log(
+            f"[{self.site_id}] round {server_round}: evaluated on {self._evaluator.n_test} test studies "
+            f"(probe on {self._evaluator.n_probe_train}): AUROC {metrics.get('auroc', math.nan):.4f}, "
+            f"R@5 {metrics.get('r_at_5', math.nan):.4f} in {seconds:.1f} s"
+        )
+        return SiteEvaluation(self.site_id, self._evaluator.n_test, metrics)
 
     # ------------------------------------------------------------------ DP round
     def _train_round_dp(
@@ -390,7 +440,9 @@ class SiteRuntime:
             grad = sp.gradient_fn(self.model)
             try:
                 trainer = self._trainer(request, grad, per_round, num_rounds, seed=sp.seed % 2**31)
-                loader = sp.poisson_loader(self.train_data, self.collator, self.patient_ids, q)
+                loader = sp.poisson_loader(
+                    self.train_data, self.collator, self.patient_ids, q, loader_options=self.round_loader_options
+                )
                 torch.manual_seed(sp.seed)
                 t_train = time.perf_counter()
                 trainer.fit(loader, epochs=local_epochs)

@@ -6,6 +6,7 @@ files under ``<output_dir>/tensorboard`` so runs can be compared in a dashboard
 
 * ``round/train_loss``, ``round/num_updates``, ``round/bank_updated``;
 * ``eval/<metric>`` for the server's evaluation (linear-probe AUROC, R@5, ...), on evaluated rounds;
+* ``site_eval/<metric>`` for the sites' aggregated evaluation and ``site_eval/<site_id>/<metric>`` for each site's;
 * ``site/<site_id>/<metric>``: each site's reported metrics (loss parts, examples, steps, seconds, epsilon);
 * ``epsilon/<site_id>``: each DP site's sample-level epsilon spent so far;
 * ``bytes/<direction>`` and ``seconds/<part>``: communication and the round's time split.
@@ -33,6 +34,13 @@ def round_scalars(record: dict[str, Any]) -> dict[str, float]:
         put(f"round/{key}", record.get(key))
     for key, value in (record.get("eval") or {}).items():
         put(f"eval/{key}", value)
+    site_eval = record.get("site_eval") or {}
+    for key, value in (site_eval.get("metrics") or {}).items():
+        put(f"site_eval/{key}", value)
+    for site in site_eval.get("sites", []):
+        for key, value in site.items():
+            if key != "site_id":
+                put(f"site_eval/{site.get('site_id', 'unknown')}/{key}", value)
     for site in record.get("sites", []):
         site_id = site.get("site_id", "unknown")
         for key, value in site.items():

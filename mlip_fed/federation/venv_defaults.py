@@ -35,6 +35,8 @@ DEFAULTS: dict[str, str] = {
     "FLWR_DISABLE_UPDATE_CHECK": "1",
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    #: Ray folds similar actor lines ("[site_1] round 2: ...") into one "[repeated Nx across cluster]" line.
+    "RAY_DEDUP_LOGS": "0",
 }
 
 

@@ -25,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+from mlip_fed.federation.superlink_tree import stop_superlink
+
 POLL_S = 0.5
 #: Grace between SIGTERM and SIGKILL when the launcher is gone: nobody is waiting for a clean shutdown.
 GRACE_S = 5.0
@@ -67,8 +69,6 @@ def stop_watchdog(proc: subprocess.Popen) -> None:
 
 
 def watch(launcher_pid: int, flwr_home: Path, extra_pids: list[int], remove_home: bool) -> int:
-    from mlip_fed.federation.simulation import stop_superlink
-
     launcher = start_time(launcher_pid)
     extras = {pid: start_time(pid) for pid in extra_pids}
     while launcher is not None and start_time(launcher_pid) == launcher:

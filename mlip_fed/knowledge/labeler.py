@@ -29,6 +29,17 @@ Rules for real report language (issue #17; the choices are argued in ``docs/labe
   granulomatous disease", also from the next sentence: "This represents ...") is dropped in favour
   of what it is attributed to; hedged, it becomes uncertain when the explanation denies a lung
   finding ("may be artifact") and stays when it only characterises one ("likely a granuloma").
+
+Rules found by writing typical phrasings per category rather than reading the dev file
+(``tests/test_labeler_phrasings.py``):
+
+* A finding phrase that starts inside an anatomy phrase wins ("left chest tube", "right lung lesion").
+* "Prior"/"previous"/"old" in a comparison ("the prior effusion has increased", "since prior, ...")
+  are not history cues.
+* A negated list ends at a comma after its last and/or ("no effusion or consolidation, bibasilar
+  atelectasis") or before an asserting word ("..., only mild atelectasis").
+* "Lungs are hyperinflated but clear" negates opacity; a tip in the SVC/right atrium implies a
+  catheter; "insensitive for", "mimics" and "to document resolution" are not findings.
 """
 
 from __future__ import annotations
@@ -69,6 +80,8 @@ _PRE_NEG_UNCERTAIN = (
     r"to\s+exclude",
     r"evaluate\s+for",
     r"question\s+of",
+    # A plan to exclude is a hedge, whatever comes before it ("follow-up ... and exclude underlying mass").
+    r"exclude",
 )
 #: After the mention; checked before negation for the same reason.
 _POST_NEG_UNCERTAIN = (
@@ -98,6 +111,10 @@ _PRE_NEGATION = (
     r"deny|denies",
     r"ruled\s+out",
     r"excluded",
+    # Something that imitates a finding is not it ("a skin fold mimics a pneumothorax").
+    r"mimic(?:s|king|ked)?",
+    r"simulat(?:es|ing|ed)",
+    r"(?:not\s+to\s+be|should\s+not\s+be)\s+(?:mistaken|confused)\s+(?:for|with)",
     r"no\s+(?:evidence|sign|signs|findings?|suggestion|radiographic\s+evidence)\s+(?:of|for|to\s+suggest)",
 )
 _POST_NEGATION = (
@@ -148,6 +165,9 @@ _PRE_UNCERTAIN = (
     r"to\s+(?:further\s+)?(?:identify|evaluate|assess|characteri[sz]e|detect|look\s+for|search\s+for)",
     r"represent",
     r"representing",
+    # Statements about the test, not the patient ("radiographs are insensitive for rib fractures").
+    r"(?:in)?sensitive\s+(?:for|to|in)",
+    r"detection\s+of",
 )
 _POST_UNCERTAIN = (
     r"(?:is|are)\s+(?:also\s+|still\s+|less\s+|more\s+)?"
@@ -168,6 +188,9 @@ _PSEUDO = (
     r"gram\s+negative",
     # "age-indeterminate fracture" dates a fracture that is there; it does not doubt it.
     r"age[-\s]+indeterminate",
+    # A follow-up "to document resolution of the pneumonia" is about a finding that is there now.
+    r"(?:ensure|document|confirm|demonstrate|assess|evaluate\s+for|check\s+for)\s+(?:its\s+|the\s+|complete\s+)*"
+    r"(?:resolution|clearing)",
 )
 #: Normal-ish qualifiers: next to a neutral form they negate it ("heart size is normal").
 _NORMAL_QUALIFIERS = (
@@ -231,6 +254,15 @@ _HISTORY = (
     r"remote",
     r"sequelae?\s+of",
     r"residua(?:ls?)?\s+of",
+)
+#: The weak history cues are also comparison words: "the prior effusion has increased", "decrease in
+#: the previous pneumothorax", "since prior, edema has worsened" speak of a finding still there.
+_WEAK_HISTORY_RE = re.compile(r"(?:prior|previous|old)$")
+#: Interval-change and persistence words that make a "prior"/"previous" finding a current one.
+_STILL_THERE_RE = re.compile(
+    r"(?<![a-z])(?:smaller|larger|bigger|less|more|decreas\w*|increas\w*|improv\w*|worse\w*|reduc\w*|"
+    r"enlarg\w*|unchanged|stable|persist\w*|again|still|remains?|re-?demonstrat\w*|"
+    r"re-?identified|now|change|changed|slightly|interval)(?![a-z])"
 )
 #: Categories a history cue cancels (a healed fracture or an old scar is still on the image).
 _HISTORY_CATEGORIES = frozenset({"Pneumonia", "Consolidation", "Edema", "Pneumothorax", "Pleural Effusion"})
@@ -422,6 +454,11 @@ class _Matcher:
     inner: dict[str, tuple[_Form, ...]]
     #: Anatomy concept ids: never the thing an appearance is attributed to.
     anatomy_ids: frozenset[str] = frozenset()
+    #: Finding and device forms only: a finding phrase that starts inside an anatomy phrase and
+    #: runs past it ("left [chest] tube", "right [lung] lesion") must win over the anatomy.
+    finding_pattern: re.Pattern[str] | None = None
+    #: The vascular catheter a bare "tip in the SVC" implies (the device word is redacted or unusual).
+    tip_device: _Form | None = None
 
 
 _MATCHERS: dict[int, tuple[KnowledgeBase, _Matcher]] = {}
@@ -509,7 +546,30 @@ def _build_matcher(kb: KnowledgeBase) -> _Matcher:
         if found:
             inner[outer] = tuple(found.values())
     anatomy_ids = frozenset(c.id for c in kb.concepts if c.group == "anatomy")
-    return _Matcher(pattern, forms, laterality_of, lung_regions, opacity[0].id if opacity else None, inner, anatomy_ids)
+    finding_forms = sorted(
+        (s for s, f in forms.items() if f.kind in ("finding", "unmention")), key=lambda s: (-len(s), s)
+    )
+    finding_body = "|".join(r"\s+".join(re.escape(part) for part in s.split(" ")) for s in finding_forms)
+    finding_pattern = re.compile(r"(?<![a-z0-9])(?:" + finding_body + r")(?![a-z0-9])")
+    return _Matcher(
+        pattern,
+        forms,
+        laterality_of,
+        lung_regions,
+        opacity[0].id if opacity else None,
+        inner,
+        anatomy_ids,
+        finding_pattern,
+        _catheter_form(kb),
+    )
+
+
+def _catheter_form(kb: KnowledgeBase) -> _Form | None:
+    """The KB's central venous catheter concept, as a finding form (None if the KB has none)."""
+    for concept in kb.for_category("Support Devices"):
+        if any("central venous catheter" in f.lower() for f in concept.surface_forms):
+            return _Form(concept.id, concept.chexpert_category, "finding", concept.group)
+    return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -621,6 +681,8 @@ def _clause_mentions(
         _Hit(m.start(), m.end(), matcher.forms[" ".join(m.group(0).split())])
         for m in matcher.pattern.finditer(low, c_start, c_end)
     ]
+    hits = _prefer_findings_over_anatomy(low, matcher, hits, c_end)
+    hits = _implied_catheter(low, matcher, hits, c_start, c_end)
     findings = [(h.start, h.end) for h in hits if h.form.kind == "finding"]
     resolved: list[tuple[_Hit, Certainty]] = []
     for hit in hits:
@@ -636,7 +698,11 @@ def _clause_mentions(
                 certainty = "positive"
         elif form.kind == "anatomy":
             certainty = "positive"
-            if form.concept_id in matcher.lung_regions and matcher.opacity_concept and _is_clear(low, hit, c_end):
+            if (
+                form.concept_id in matcher.lung_regions
+                and matcher.opacity_concept
+                and _is_clear(low, hit, c_end, sentence.end)
+            ):
                 # "The lungs are clear" is how radiologists deny opacity; record it as a negated opacity.
                 opacity = _Form(matcher.opacity_concept, "Lung Opacity", "finding", "finding")
                 resolved.append((_Hit(hit.start, hit.end, opacity), "negative"))
@@ -649,7 +715,7 @@ def _clause_mentions(
             if (
                 certainty != "negative"
                 and form.category in _HISTORY_CATEGORIES
-                and _pre_trigger(_HISTORY_RE, low, c_start, hit.start, 2)
+                and _is_history(low, c_start, hit.start, hit.end, c_end)
             ):
                 continue  # "history of CHF", "prior granulomatous infection": not on this image
             for extra in matcher.inner.get(" ".join(low[hit.start : hit.end].split()), ()):
@@ -678,16 +744,87 @@ def _clause_mentions(
     return out
 
 
+def _prefer_findings_over_anatomy(low: str, matcher: _Matcher, hits: list[_Hit], c_end: int) -> list[_Hit]:
+    """Let a finding phrase that begins inside an anatomy phrase and runs past it replace it.
+
+    The matcher takes the leftmost match, so "left chest tube" is read as the anatomy "left chest"
+    and a bare "tube" (not a device), and "right lung lesion" as "right lung" and a bare "lesion".
+    The anatomy word is shared; the finding is what the sentence reports. Laterality is still read
+    from the words around the finding.
+    """
+    if matcher.finding_pattern is None or not any(h.form.kind == "anatomy" for h in hits):
+        return hits
+    out = list(hits)
+    for a in [h for h in hits if h.form.kind == "anatomy"]:
+        for m in matcher.finding_pattern.finditer(low, a.start + 1, c_end):
+            if m.start() >= a.end:
+                break
+            if m.end() <= a.end:
+                continue
+            form = matcher.forms.get(" ".join(m.group(0).split()))
+            if form is None or form.kind not in ("finding", "unmention"):
+                break
+            out = [h for h in out if h.end <= m.start() or h.start >= m.end()]
+            out.append(_Hit(m.start(), m.end(), form))
+            break
+    return sorted(out, key=lambda h: h.start)
+
+
+#: A tip placed in a central vein or the right atrium belongs to a vascular catheter, whatever the
+#: report calls it ("right chest XXXX tip is in the mid SVC", "its tip projects at the cavoatrial junction").
+_CENTRAL_TIP_RE = re.compile(
+    r"(?<![a-z])tips?(?![a-z])[^.;]{0,50}?(?<![a-z])(?:svc|superior\s+vena\s+cava|cavo-?atrial|caval-?atrial|"
+    r"(?:right\s+)?atri(?:um|al\s+junction)|brachiocephalic\s+vein|innominate\s+vein|subclavian\s+vein)(?![a-z])"
+)
+
+
+def _implied_catheter(low: str, matcher: _Matcher, hits: list[_Hit], c_start: int, c_end: int) -> list[_Hit]:
+    """Add a catheter mention for a central-venous tip position when the clause names no device."""
+    if matcher.tip_device is None or any(h.form.group == "device" for h in hits):
+        return hits
+    match = _CENTRAL_TIP_RE.search(low, c_start, c_end)
+    if match is None:
+        return hits
+    tip_end = match.start() + len(re.match(r"tips?", match.group(0)).group(0))  # type: ignore[union-attr]
+    return sorted([*hits, _Hit(match.start(), tip_end, matcher.tip_device)], key=lambda h: h.start)
+
+
 _CLEAR_RE = re.compile(
     r"^\s*(?:(?:is|are|appear|appears|remain|remains)\s+)?(?:(?:now|otherwise|grossly)\s+)?clear(?![a-z])"
 )
 _CLEAR_BEFORE_RE = re.compile(r"(?<![a-z])clear\s*$")
+#: "The lungs are hyperinflated but clear", "lungs are low in volume and clear": a second predicate.
+_CLEAR_SECOND_RE = re.compile(
+    r"^\s*(?:is|are|appear|appears|remain|remains)\s+(?:[a-z-]+\s+){1,3}(?:but|and|yet)\s+"
+    r"(?:(?:now|otherwise|grossly|are|appear|remain)\s+)?clear(?![a-z])"
+)
 
 
-def _is_clear(low: str, hit: _Hit, c_end: int) -> bool:
+def _is_clear(low: str, hit: _Hit, c_end: int, s_end: int | None = None) -> bool:
     after = low[hit.end : c_end]
     before = low[max(0, hit.start - 12) : hit.start]
-    return bool(_CLEAR_RE.match(after) or _CLEAR_BEFORE_RE.search(before))
+    if _CLEAR_RE.match(after) or _CLEAR_BEFORE_RE.search(before):
+        return True
+    # The clause splitter cuts at "but", so the second predicate is read up to the sentence's end.
+    return bool(_CLEAR_SECOND_RE.match(low[hit.end : s_end if s_end is not None else c_end]))
+
+
+def _is_history(low: str, c_start: int, m_start: int, m_end: int, c_end: int) -> bool:
+    """A history cue straight before the mention ("history of CHF", "prior pneumonia").
+
+    "Prior", "previous" and "old" are also how a report compares: a comma between cue and mention
+    ("since prior, edema has worsened") or an interval-change or persistence word in the clause
+    ("the prior effusion has increased", "decrease in the previous pneumothorax") makes the
+    finding a current one.
+    """
+    cue = _last_trigger(_HISTORY_RE, low, c_start, m_start)
+    if cue is None or _tokens_between(low, cue.end(), m_start) > 2:
+        return False
+    if _TERMINATOR_RE.search(low, cue.end(), m_start) is not None or re.search(r"[,;:]", low[cue.end() : m_start]):
+        return False
+    if _WEAK_HISTORY_RE.search(cue.group(0)) and _STILL_THERE_RE.search(low, c_start, c_end):
+        return False
+    return True
 
 
 def _tokens_between(low: str, start: int, end: int) -> int:
@@ -705,13 +842,45 @@ def _last_trigger(regex: re.Pattern[str], low: str, lo: int, hi: int) -> re.Matc
     return best
 
 
-def _pre_trigger(regex: re.Pattern[str], low: str, c_start: int, m_start: int, reach: int) -> bool:
+def _pre_trigger(
+    regex: re.Pattern[str], low: str, c_start: int, m_start: int, reach: int, m_end: int = -1, c_end: int = -1
+) -> bool:
+    """Whether a trigger before the mention reaches it; given the mention's end, a closed list stops it."""
     match = _last_trigger(regex, low, c_start, m_start)
     if match is None:
         return False
     if _tokens_between(low, match.end(), m_start) > reach:
         return False
+    if m_end >= 0 and _list_closed(low, match.end(), m_start, m_end, c_end):
+        return False
     return _TERMINATOR_RE.search(low, match.end(), m_start) is None
+
+
+#: A list under a trigger that has had its last item ("no effusion or pneumothorax, ..."), or a
+#: comma followed by a word that asserts ("..., only mild atelectasis").
+_CONJUNCTION_RE = re.compile(r"(?<![a-z])(?:or|nor|and)(?![a-z])")
+_ASSERTS_AFTER_COMMA_RE = re.compile(r"\s*(?:only|mild|mildly|minimal|minimally|slight|trace|tiny)(?![a-z])")
+_LIST_GOES_ON_RE = re.compile(r"[^,;]*?(?:,\s*)?(?<![a-z])(?:or|nor)(?![a-z])")
+
+
+def _list_closed(low: str, t_end: int, m_start: int, m_end: int, c_end: int) -> bool:
+    """ "No effusion or consolidation, bibasilar atelectasis": the negated list ended before the mention.
+
+    The list has ended when an and/or/nor came before the last comma and none after it, or when the
+    words after the last comma assert ("only", "mild"). Not when the list goes on after the mention
+    ("no acute bony or soft tissue abnormality, fracture, or pneumothorax": that "or" was inside
+    one item).
+    """
+    comma = low.rfind(",", t_end, m_start)
+    if comma < 0:
+        return False
+    last_item = low[comma + 1 : m_start]
+    if _CONJUNCTION_RE.search(last_item):
+        return False
+    closed = _CONJUNCTION_RE.search(low, t_end, comma) is not None or _ASSERTS_AFTER_COMMA_RE.match(last_item)
+    if not closed:
+        return False
+    return _LIST_GOES_ON_RE.match(low, m_end, c_end if c_end >= 0 else len(low)) is None
 
 
 def _classify(low: str, m_start: int, m_end: int, c_start: int, c_end: int) -> Certainty:
@@ -733,7 +902,7 @@ def _classify(low: str, m_start: int, m_end: int, c_start: int, c_end: int) -> C
         return "uncertain"
     if _POST_PARTIAL_RESOLUTION_RE.match(after) or (later is not None and _POST_PARTIAL_RESOLUTION_RE.match(later)):
         return "uncertain"
-    if _pre_trigger(_PRE_NEGATION_RE, low, c_start, m_start, _PRE_NEGATION_REACH):
+    if _pre_trigger(_PRE_NEGATION_RE, low, c_start, m_start, _PRE_NEGATION_REACH, m_end, c_end):
         return "negative"
     # "congestion, pleural effusions are not seen": after a bare comma the predicate belongs to the
     # next statement; a real list ("A, B, and C are not seen") is read through ``later``.

@@ -13,7 +13,7 @@ per-group terms that each depend only on that group's members, which is what buc
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -21,7 +21,6 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from mlip_fed.data.tokenizer import load_tokenizer
 from mlip_fed.knowledge.kb import CHEXPERT_CATEGORIES, KnowledgeBase, load_knowledge_base
 from mlip_fed.model.config import ModelConfig
 from mlip_fed.model.heads import ProjectionHead
@@ -51,18 +50,15 @@ class _KnowledgeTokenCache(nn.Module):
 class MLIPModel(nn.Module):
     def __init__(
         self,
-        config: ModelConfig | None = None,
-        tokenizer: PreTrainedTokenizerBase | None = None,
+        config: ModelConfig,
+        tokenizer: PreTrainedTokenizerBase,
         kb: KnowledgeBase | None = None,
     ) -> None:
+        """``tokenizer`` is built by the caller (``mlip_fed.pipeline.build_tokenizer``): the model layer does not
+        import the data layer, and one tokenizer object serves the model and the collator."""
         super().__init__()
-        self.config = config = config or ModelConfig()
-        text = config.text
-        self.tokenizer = tokenizer or (
-            load_tokenizer(text.checkpoint_dir, field="model.text.checkpoint_dir")
-            if text.checkpoint_dir
-            else load_tokenizer(text.vocab_path, field="model.text.vocab_path")
-        )
+        self.config = config
+        self.tokenizer = tokenizer
         self.kb = kb or load_knowledge_base(config.kb_path)
         obj = config.objectives
         with torch.random.fork_rng(devices=[]):
@@ -190,6 +186,22 @@ class MLIPModel(nn.Module):
         finally:
             self.text_encoder.train(was_training)
         return torch.cat(out)
+
+    @torch.no_grad()
+    def embed_public_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        """Global text embeddings of public texts (text tower and head in eval mode, no gradient).
+
+        The negative bank of decomposable DP (``model.objectives.public_negatives``): public data only, so a
+        record's loss term still depends on that record alone.
+        """
+        pooled = self._encode_texts(list(texts))
+        head = self.text_global_head
+        was_training = head.training
+        head.eval()
+        try:
+            return head(pooled.to(next(head.parameters()))).detach()
+        finally:
+            head.train(was_training)
 
     @torch.no_grad()
     def refresh_knowledge_token_cache(self) -> None:
@@ -373,11 +385,18 @@ class MLIPModel(nn.Module):
             return (per_row * valid.to(per_row.dtype)).sum() / per_row.shape[0]
         # Otherwise only the rows that have a counterfactual are encoded (about half of SynthCXR's), cut to their
         # longest: the same mean over valid rows, without the text tower's work on rows the loss drops.
-        rows = valid.nonzero().squeeze(1).to(ids.device)
+        right_padded = self.tokenizer.padding_side == "right"
+        lengths = batch.get("swap_lengths")
+        if isinstance(lengths, list | tuple):  # from MLIPCollator, on the host: no device-to-host read
+            kept = [row for row, n in enumerate(lengths) if n > 0]
+            rows = torch.tensor(kept, dtype=torch.long).to(ids.device, non_blocking=True)
+            length = max((lengths[r] for r in kept), default=0) if right_padded else mask.shape[1]
+        else:
+            rows = valid.nonzero().squeeze(1).to(ids.device)
+            length = int(mask[rows].sum(dim=1).max().item()) if right_padded and rows.numel() else mask.shape[1]
         if rows.numel() == 0:
             return patches.sum() * 0.0
         mask = mask[rows]
-        length = int(mask.sum(dim=1).max().item()) if self.tokenizer.padding_side == "right" else mask.shape[1]
         ids, mask = ids[rows, :length], mask[:, :length]
         swap = self.text_encoder(ids, mask)
         logits = self.fusion(swap.tokens, mask, patches[rows.to(patches.device)])

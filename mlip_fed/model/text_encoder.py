@@ -127,6 +127,10 @@ class TextEncoder(nn.Module):
 
     def __init__(self, cfg: TextEncoderConfig, tokenizer: PreTrainedTokenizerBase) -> None:
         super().__init__()
+        #: Set by ``use_sdpa``: the backbone runs PyTorch's fused attention, which returns no attention maps, so the
+        #: last layer's [CLS] attention is recomputed from that layer's input (``_cls_attention``). Set first: the
+        #: load probe below already runs the backbone.
+        self._sdpa_attention: Any = None
         #: What was loaded from ``cfg.checkpoint_dir`` (None: built from scratch).
         self.load_report: WeightLoadReport | None = None
         if cfg.checkpoint_dir is None:
@@ -161,6 +165,32 @@ class TextEncoder(nn.Module):
         )
         self.register_buffer("_piece_kind", kind, persistent=False)
 
+    def use_sdpa(self) -> bool:
+        """Run a BERT backbone with ``scaled_dot_product_attention`` instead of eager attention (one fused kernel per
+        layer instead of matmul, mask, softmax, dropout, matmul). Returns False, changing nothing, for a backbone
+        whose last layer does not expose BERT's ``attention.self.query/key`` (it stays eager)."""
+        layers = getattr(getattr(self.bert, "encoder", None), "layer", None)
+        attention = getattr(getattr(layers[-1], "attention", None), "self", None) if layers else None
+        if not all(hasattr(attention, a) for a in ("query", "key", "num_attention_heads", "attention_head_size")):
+            return False
+        self.bert.set_attn_implementation("sdpa")
+        self._sdpa_attention = attention
+        return True
+
+    @torch.no_grad()
+    def _cls_attention(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The last layer's [CLS]->token attention, mean over heads ([B, L]), from that layer's input ``hidden``:
+        what eager attention returns, before attention dropout. The projections are called functionally (no module
+        hooks fire, so Opacus records nothing extra); [CLS]'s query only, so this costs one key projection."""
+        attn = self._sdpa_attention
+        b, length, _ = hidden.shape
+        heads, size = int(attn.num_attention_heads), int(attn.attention_head_size)
+        q = nn.functional.linear(hidden[:, :1], attn.query.weight, attn.query.bias).view(b, 1, heads, size)
+        k = nn.functional.linear(hidden, attn.key.weight, attn.key.bias).view(b, length, heads, size)
+        scores = torch.einsum("bqhd,bkhd->bhqk", q, k).float() * size**-0.5
+        scores = scores.masked_fill(~attention_mask.bool()[:, None, None, :], float("-inf"))
+        return scores.softmax(dim=-1)[:, :, 0, :].mean(dim=1)
+
     def word_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Word index per token (-1 for special and padding), the same rule the collator uses for entity spans."""
         kind = self._piece_kind[input_ids]
@@ -185,13 +215,34 @@ class TextEncoder(nn.Module):
             else:
                 b, length = input_ids.shape
                 kwargs["position_ids"] = torch.arange(length, device=input_ids.device).unsqueeze(0).expand(b, -1)
-        out = self.bert(input_ids=input_ids, attention_mask=attention_mask, output_attentions=True, **kwargs)
-        if getattr(out, "last_hidden_state", None) is None or not getattr(out, "attentions", None):
+        sdpa = self._sdpa_attention is not None
+        out = self.bert(
+            input_ids=input_ids,
+            attention_mask=self._prepared_mask(attention_mask),
+            output_attentions=not sdpa,
+            output_hidden_states=sdpa,
+            **kwargs,
+        )
+        maps = getattr(out, "hidden_states" if sdpa else "attentions", None)
+        if getattr(out, "last_hidden_state", None) is None or not maps:
             raise ValueError(
                 f"text model {type(self.bert).__name__} returns no last_hidden_state/attentions; MLIP needs an encoder "
                 "whose outputs have token states and (eager) attention maps"
             )
         return out
+
+    def _prepared_mask(self, attention_mask: torch.Tensor) -> torch.Tensor:
+        """For a ``BertModel``, the [B, 1, 1, L] mask its attention applies, built here: given the 2-d mask,
+        transformers checks whether any token is padding (``mask.all()``) to drop the mask, a device-to-host read
+        per text pass. Boolean for SDPA; additive (0 or the dtype's minimum) for eager attention, as transformers
+        builds it. Other backbones get the 2-d mask."""
+        if not isinstance(self.bert, BertModel):
+            return attention_mask
+        keep = attention_mask.bool()[:, None, None, :]
+        if self._sdpa_attention is not None:
+            return keep
+        dtype = self.bert.embeddings.word_embeddings.weight.dtype
+        return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(~keep, torch.finfo(dtype).min)
 
     @torch.no_grad()
     def _probe(self, token_id: int) -> None:
@@ -212,10 +263,16 @@ class TextEncoder(nn.Module):
             )
         out = self.backbone(input_ids, attention_mask)
         tokens = out.last_hidden_state
-        cls_attention = out.attentions[-1][:, :, 0, :].mean(dim=1).detach()  # [B, L]
+        if self._sdpa_attention is not None:
+            cls_attention = self._cls_attention(out.hidden_states[-2].detach(), attention_mask)  # [B, L]
+        else:
+            cls_attention = out.attentions[-1][:, :, 0, :].mean(dim=1).detach()  # [B, L]
         word_ids = self.word_ids(input_ids, attention_mask)
-        words, word_mask = merge_word_pieces(tokens, word_ids)
-        piece_weights, _ = merge_word_pieces(cls_attention.unsqueeze(-1), word_ids)
+        # M = L (a row has at most as many words as tokens): a shape known without reading word_ids back from the
+        # device; the extra columns are masked out everywhere words are used (and the collator pads spans to L too).
+        num_words = input_ids.shape[1]
+        words, word_mask = merge_word_pieces(tokens, word_ids, num_words)
+        piece_weights, _ = merge_word_pieces(cls_attention.unsqueeze(-1), word_ids, num_words)
         weights = clipped_importance(piece_weights.squeeze(-1), word_mask)
         if self.pooling == "mean":
             mask = attention_mask.unsqueeze(-1).to(tokens.dtype)
@@ -225,14 +282,21 @@ class TextEncoder(nn.Module):
         return TextFeatures(pooled=pooled, tokens=tokens, words=words, word_mask=word_mask, word_weights=weights)
 
 
-def merge_word_pieces(tokens: torch.Tensor, word_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def merge_word_pieces(
+    tokens: torch.Tensor, word_ids: torch.Tensor, num_words: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum word-piece states into words (MGCA). ``word_ids`` [B, L] with -1 for tokens that belong to no word.
 
-    Returns words [B, M, D] (M = most words in any row, at least 1) and a [B, M] mask of real words.
+    Returns words [B, M, D] and a [B, M] mask of real words. M is ``num_words`` when given (at least the most words
+    of any row; the text tower passes L so that no device-to-host read is needed), else the most words in any row
+    (at least 1), which reads ``word_ids`` back from the device.
     """
-    num_words = max(int(word_ids.max().item()) + 1, 1)
-    # One-hot membership with a dummy column for -1, dropped afterwards; a matmul keeps it differentiable.
-    member = nn.functional.one_hot(word_ids + 1, num_classes=num_words + 1)[..., 1:].to(tokens.dtype)  # [B, L, M]
+    if num_words is None:
+        num_words = max(int(word_ids.max().item()) + 1, 1)
+    # One-hot membership (-1 matches no word); a matmul keeps it differentiable. A comparison, not F.one_hot, which
+    # reads the ids' range back to the host to check it.
+    slots = torch.arange(num_words, device=word_ids.device)
+    member = (word_ids.unsqueeze(-1) == slots).to(tokens.dtype)  # [B, L, M]
     words = torch.einsum("blm,bld->bmd", member, tokens)
     word_mask = member.sum(dim=1) > 0
     return words, word_mask

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import csv
 import io
+import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -49,7 +50,7 @@ from mlip_fed.data.records import StudyRecord
 from mlip_fed.privacy.accountant import AccountedStep, calibrate_noise_multiplier, compute_epsilon
 from mlip_fed.privacy.canary import audit_scores
 from mlip_fed.privacy.engine import SENSITIVITY_FACTOR
-from mlip_fed.privacy.randomness import public_seed as _seed
+from mlip_fed.privacy.randomness import public_seed
 
 CANARY_PREFIX = "canary"
 CANARY_WORDS = 6
@@ -69,7 +70,7 @@ def canary_inclusion(m: int, seed: int) -> np.ndarray:
     """The secret coins: bool [m], each True with probability 1/2, a fixed function of (m, seed)."""
     if m < 2:
         raise ValueError(f"the audit needs at least 2 canaries, got m={m}")
-    rng = np.random.default_rng(_seed("canary-inclusion", seed))
+    rng = np.random.default_rng(public_seed("canary-inclusion", seed))
     return rng.random(m) < 0.5
 
 
@@ -93,7 +94,7 @@ def make_canaries(m: int, out_dir: Path, image_size: int, tokenizer: Any, seed: 
     from mlip_fed.data.manifest_writer import write_png
 
     words = _vocabulary_words(tokenizer)
-    rng = np.random.default_rng(_seed("canary-content", seed))
+    rng = np.random.default_rng(public_seed("canary-content", seed))
     records = []
     for i in range(m):
         image = canary_image(rng, image_size)
@@ -334,41 +335,52 @@ class _Run:
     progress: bool
 
     def train(self, model: Any, records: Sequence[StudyRecord], extra: Any = None) -> tuple[Any, Any]:
-        """Train ``model`` on ``records`` with the configured DP for ``steps`` noise steps; (engine, trainer)."""
+        """Train ``model`` on ``records`` with the configured DP for ``steps`` noise steps; (engine, trainer).
+
+        Through the site's façade (``SitePrivacy``), so the audit measures the loader and engine a site gets. Two
+        audit-only settings: the noise is seeded (``insecure_reproducible_noise``: the harness is reproducible, its
+        noisy output is scored here and never released), and sigma is the audit's (times ``noise_applied_fraction``
+        < 1 only in the deliberately broken configurations; the claimed epsilon is computed here at sigma). Nothing
+        is charged: the façade's ledger is a throwaway.
+        """
         from mlip_fed import pipeline
-        from mlip_fed.privacy.engine import BucketedClippingGradient, PoissonLoader
+        from mlip_fed.privacy.site_privacy import SitePrivacy
         from mlip_fed.train.trainer import LocalTrainer
 
-        policy = self.cfg.privacy
-        loader = PoissonLoader(
-            pipeline.train_dataset(records, self.cfg),
-            pipeline.build_collator(model, self.cfg),
-            [r.patient_id for r in records],
-            self.sample_rate,
-            num_buckets=policy.num_buckets,
-            unit=policy.privacy_unit,
-            seed=_seed("canary-poisson", self.cfg.seed),
-        )
-        engine = BucketedClippingGradient(
-            model,
-            # < sigma only in the deliberately broken configurations (the accountant is still charged sigma)
-            noise_multiplier=self.sigma * self.noise_applied_fraction,
-            clipping_norm=policy.clipping_norm,
-            num_buckets=policy.num_buckets,
-            mode=policy.mechanism,  # type: ignore[arg-type]
-            unit=policy.privacy_unit,
-            # seeded: the audit harness is reproducible; its noisy output is scored here, never released
-            seed=_seed("canary-noise", self.cfg.seed),
-            extra_unit_gradients=extra,
+        policy = self.cfg.privacy.model_copy(
+            update={
+                "noise_multiplier": self.sigma * self.noise_applied_fraction,
+                "min_noise_multiplier": 0.0,
+                "insecure_reproducible_noise": True,
+            }
         )
         train_cfg = self.cfg.train.model_copy(
             update={"max_steps": self.steps, "grad_accum_steps": 1, "progress_bar": self.progress}
         )
-        trainer = LocalTrainer(model, train_cfg, total_steps=self.steps, gradient_fn=engine)
-        try:
-            trainer.fit(loader, epochs=-(-self.steps // len(loader)))
-        finally:
-            engine.close()
+        with tempfile.TemporaryDirectory(prefix="canary_ledger_") as ledger_dir:
+            site = SitePrivacy(
+                policy,
+                Path(ledger_dir) / "ledger.sqlite",
+                len(records),
+                "canary-audit",
+                site="canary-audit",
+                seed=public_seed("canary", self.cfg.seed),
+            )
+            try:
+                loader = site.poisson_loader(
+                    pipeline.train_dataset(records, self.cfg),
+                    pipeline.build_collator(model, self.cfg),
+                    [r.patient_id for r in records],
+                    self.sample_rate,
+                )
+                engine = site.gradient_fn(model, extra_unit_gradients=extra)
+                trainer = LocalTrainer(model, train_cfg, total_steps=self.steps, gradient_fn=engine)
+                try:
+                    trainer.fit(loader, epochs=-(-self.steps // len(loader)))
+                finally:
+                    engine.close()
+            finally:
+                site.close()
         return engine, trainer
 
 
@@ -505,7 +517,7 @@ def _gradient_audit(
         included,
         clipping_norm=run.cfg.privacy.clipping_norm,
         sample_rate=run.sample_rate,
-        seed=_seed("canary-steps", run.cfg.seed),
+        seed=public_seed("canary-steps", run.cfg.seed),
     )
     initial = extra.coordinates(params)
     engine, trainer = run.train(model, site_records, extra)

@@ -43,10 +43,10 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from opacus import GradSampleModule
 from torch import nn
 
+from mlip_fed.model.objectives.public_negatives import PublicNegativesLoss
 from mlip_fed.privacy.buckets import bucket_ids
 from mlip_fed.privacy.opacus_logging import drop_opacus_root_handler
 from mlip_fed.privacy.randomness import GaussianNoise, public_seed, secret_seed
@@ -93,7 +93,11 @@ class PoissonLoader:
         unit: Literal["patient", "record"] = "patient",
         steps_per_epoch: int | None = None,
         seed: int | None = None,
+        loader_options: dict[str, Any] | None = None,
     ) -> None:
+        """``loader_options``: ``DataLoader`` keyword arguments (``pipeline.loader_options``); with ``num_workers``
+        > 0 the records are read, augmented and collated in worker processes. Only record indices reach a worker:
+        the sampling (and its secret seed) stays in this process."""
         if not 0.0 < sample_rate <= 1.0:
             raise ValueError(f"PoissonLoader: sample_rate must be in (0, 1], got {sample_rate}")
         if len(patient_ids) != len(dataset):
@@ -112,6 +116,7 @@ class PoissonLoader:
             units.setdefault(key, []).append(index)
         self._unit_records = list(units.values())
         self._patient_ids = [str(p) for p in patient_ids]
+        self.loader_options = dict(loader_options or {})
 
     @property
     def num_units(self) -> int:
@@ -129,15 +134,35 @@ class PoissonLoader:
         return [i for u in chosen.tolist() for i in self._unit_records[u]]
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        for step in range(self.steps_per_epoch):
-            items = [self.dataset[i] for i in self.sample_indices(self.epoch, step)]
-            items = [it for it in items if it is not None]  # undecodable images: dropped, the step still happens
-            if not items:
+        for batch in self._collated():
+            if batch is None:  # nobody sampled, or every sampled image undecodable: the step still happens
                 yield empty_batch()
                 continue
-            batch = self.collate_fn(items)
             batch["group_ids"] = bucket_ids(batch["patient_id"], self.num_buckets)
             yield batch
+
+    def _collated(self) -> Iterator[dict[str, Any] | None]:
+        """The epoch's collated batches (None for an empty one), in this process or in loader workers."""
+        steps = [self.sample_indices(self.epoch, step) for step in range(self.steps_per_epoch)]
+        collate = _CollateOrNone(self.collate_fn)
+        if self.loader_options.get("num_workers", 0) > 0:
+            from torch.utils.data import DataLoader
+
+            yield from DataLoader(self.dataset, batch_sampler=steps, collate_fn=collate, **self.loader_options)
+            return
+        for indices in steps:
+            yield collate([self.dataset[i] for i in indices])
+
+
+class _CollateOrNone:
+    """Drops undecodable items (None) and collates the rest; None when nothing is left (picklable for workers)."""
+
+    def __init__(self, collate_fn: Callable[[list[Any]], dict[str, Any]]) -> None:
+        self.collate_fn = collate_fn
+
+    def __call__(self, items: list[Any]) -> dict[str, Any] | None:
+        items = [it for it in items if it is not None]
+        return self.collate_fn(items) if items else None
 
 
 @dataclass
@@ -386,45 +411,3 @@ class BucketedClippingGradient:
             out.append(bucket)
             p.grad_sample = None
         return out
-
-
-class PublicNegativesLoss:
-    """Decomposable global contrast: record k's InfoNCE uses its own pair and negatives from a public bank.
-
-    The negatives are embeddings of public text (by default the knowledge base's category descriptions and
-    concept definitions) computed under ``no_grad`` by the current text tower, so record k's loss term depends
-    on record k only and per-record clipping bounds its influence by C (docs/privacy.md "Decomposable mode").
-    Only image->text and text->public-text directions are used (there are no public images).
-    """
-
-    def __init__(self, model: nn.Module, public_texts: Sequence[str] | None = None, temperature: float = 0.07) -> None:
-        if public_texts is None:
-            kb = getattr(model, "kb", None)
-            if kb is None:
-                raise ValueError("PublicNegativesLoss: give public_texts (the model has no knowledge base)")
-            public_texts = [c.knowledge_text for c in kb.concepts]
-        if not public_texts:
-            raise ValueError("PublicNegativesLoss: the public negative bank is empty")
-        self.public_texts = list(public_texts)
-        self.temperature = temperature
-
-    @torch.no_grad()
-    def _bank(self, model: Any) -> torch.Tensor:
-        pooled = model._encode_texts(self.public_texts)
-        was = model.text_global_head.training
-        model.text_global_head.eval()
-        try:
-            bank = model.text_global_head(pooled.to(next(model.text_global_head.parameters())))
-        finally:
-            model.text_global_head.train(was)
-        return bank.detach()
-
-    def __call__(self, model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        bank = self._bank(model)
-        image = model.encode_image(batch["image"]).embedding
-        text = model.encode_text(batch["input_ids"], batch["attention_mask"]).embedding
-        positive = (image * text).sum(dim=1, keepdim=True) / self.temperature  # [B, 1]
-        negatives = image @ bank.t() / self.temperature  # [B, P]
-        logits = torch.cat([positive, negatives], dim=1)
-        loss = F.cross_entropy(logits, torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device))
-        return loss, {"public_itc": loss}

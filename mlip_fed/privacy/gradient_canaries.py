@@ -4,7 +4,7 @@ Why white-box: input-space canaries (a random image with random words) must be m
 before a score can see them, which a few DP-SGD steps on 2 CPU cores do not do; the audit then has no power
 even against a mechanism with no noise at all. A Dirac canary skips that: canary i is a privacy unit (a
 bucket of its own) whose gradient is fixed, ``C * sign_i * e_{k_i}`` on one parameter coordinate k_i that no
-other canary uses. ``CanaryGradients`` is passed to ``BucketedClippingGradient(extra_unit_gradients=...)``:
+other canary uses. ``CanaryGradients`` is passed to ``SitePrivacy.gradient_fn(model, extra_unit_gradients=...)``:
 an included canary is Poisson-sampled into each step with the run's q, exactly like a real unit, and the
 engine clips it and adds it to the clipped sum *before* its Gaussian noise. What is audited is therefore
 the engine's noise, its normalisation and the accountant's epsilon for those steps; not the bucketing of
@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from mlip_fed.privacy.engine import UnitGradient
-from mlip_fed.privacy.randomness import public_seed as _seed
+from mlip_fed.privacy.randomness import public_seed
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ def dirac_canaries(param_sizes: Sequence[int], m: int, seed: int) -> list[DiracC
         raise ValueError(f"the audit needs at least 2 canaries, got m={m}")
     if m > total:
         raise ValueError(f"{m} Dirac canaries need {m} distinct coordinates; the model has {total} trainable ones")
-    rng = np.random.default_rng(_seed("dirac-canaries", seed))
+    rng = np.random.default_rng(public_seed("dirac-canaries", seed))
     flat = rng.choice(total, size=m, replace=False)
     signs = np.where(rng.random(m) < 0.5, -1.0, 1.0)
     offsets = np.cumsum([0, *param_sizes])
@@ -92,7 +92,7 @@ class CanaryGradients:
 
     def draw(self, step: int) -> np.ndarray:
         """Which canaries (included or not) the step's Poisson draw selects: bool [m]."""
-        rng = np.random.default_rng(_seed("canary-steps", self.seed, step))
+        rng = np.random.default_rng(public_seed("canary-steps", self.seed, step))
         return rng.random(len(self.canaries)) < self.sample_rate
 
     def __call__(self, step: int) -> list[UnitGradient]:

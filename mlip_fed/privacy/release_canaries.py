@@ -46,8 +46,7 @@ from mlip_fed.config import ExperimentConfig
 from mlip_fed.privacy.accountant import AccountedStep, compute_epsilon
 from mlip_fed.privacy.canary import audit_scores
 from mlip_fed.privacy.canary_run import CanaryVerdict, canary_inclusion, check_noise_applied
-from mlip_fed.privacy.randomness import GaussianNoise
-from mlip_fed.privacy.randomness import public_seed as _seed
+from mlip_fed.privacy.randomness import GaussianNoise, public_seed
 from mlip_fed.privacy.release import PrototypeRelease, release_effective_noise, release_prototypes
 
 RELEASE_KIND = "release"
@@ -75,7 +74,7 @@ def release_canary_bank(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, np.ndarray]:
     """(sum_image [m L, 1], sum_text [m L, 1], count [m L], signs [m]): canary i owns rows [i L, (i + 1) L)."""
     m, rows = len(included), contribution_bound
-    signs = np.where(np.random.default_rng(_seed("release-canary-signs", seed)).random(m) < 0.5, -1.0, 1.0)
+    signs = np.where(np.random.default_rng(public_seed("release-canary-signs", seed)).random(m) < 0.5, -1.0, 1.0)
     member = torch.from_numpy(np.repeat(included.astype(np.float32), rows))
     sign = torch.from_numpy(np.repeat(signs.astype(np.float32), rows))
     sum_image = (member * sign).unsqueeze(1)  # a unit-norm mean embedding (+-e_0) per row touched
@@ -207,7 +206,7 @@ def run_release_canary_audit(
         contribution_bound=bound,
         threshold=threshold,
         # seeded: the audit harness is reproducible; its noisy output is scored here, never released
-        noise=GaussianNoise(_seed("canary-release-noise", cfg.seed), secure_mode=policy.secure_mode),
+        noise=GaussianNoise(public_seed("canary-release-noise", cfg.seed), secure_mode=policy.secure_mode),
         noise_applied_fraction=noise_applied_fraction,
     )
     scores = release_canary_scores(release, signs, bound, background)

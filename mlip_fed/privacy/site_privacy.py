@@ -33,6 +33,7 @@ from mlip_fed.privacy.accountant import AccountedStep, EpsilonReport, calibrate_
 from mlip_fed.privacy.engine import (
     SENSITIVITY_FACTOR,
     BucketedClippingGradient,
+    ExtraUnitGradients,
     PoissonLoader,
     effective_noise_multiplier,
 )
@@ -180,8 +181,16 @@ class SitePrivacy:
         return refusal
 
     # ------------------------------------------------------------------ training
-    def gradient_fn(self, model: nn.Module, loss_fn: Callable[..., Any] | None = None) -> BucketedClippingGradient:
-        """The DP gradient: secret noise, clipping per bucket (bucketed) or per privacy unit (decomposable)."""
+    def gradient_fn(
+        self,
+        model: nn.Module,
+        loss_fn: Callable[..., Any] | None = None,
+        *,
+        extra_unit_gradients: ExtraUnitGradients | None = None,
+    ) -> BucketedClippingGradient:
+        """The DP gradient: secret noise, clipping per bucket (bucketed) or per privacy unit (decomposable).
+
+        ``extra_unit_gradients``: the one-run audit's canary gradients (``privacy.canary_run``); never at a site."""
         self._require_dp()
         return BucketedClippingGradient(
             model,
@@ -193,6 +202,7 @@ class SitePrivacy:
             secure_mode=self.policy.secure_mode,
             unit=self.policy.privacy_unit,
             loss_fn=loss_fn,
+            extra_unit_gradients=extra_unit_gradients,
         )
 
     def poisson_loader(

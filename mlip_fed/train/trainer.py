@@ -14,7 +14,7 @@ import os
 import random
 import time
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,19 +37,37 @@ class TrainingDiverged(RuntimeError):
     """A loss became NaN, infinite or exploded; the message names the objective and the step."""
 
 
+#: A loss part as a gradient function reports it: a Python float, or a detached 0-d tensor still on the device (read
+#: by the trainer only at its next sync point, so a step needs no device-to-host copy).
+LossValue = float | torch.Tensor
+
+
 class GradientFn(Protocol):
-    """Fills ``p.grad`` for one micro-batch and returns the loss parts it saw (detached floats)."""
+    """Fills ``p.grad`` for one micro-batch and returns the loss parts it saw (floats or detached 0-d tensors)."""
 
-    def __call__(self, model: nn.Module, batch: dict[str, Any], loss_scale: float) -> dict[str, float]: ...
+    def __call__(self, model: nn.Module, batch: dict[str, Any], loss_scale: float) -> dict[str, LossValue]: ...
 
 
-def standard_gradient(model: nn.Module, batch: dict[str, Any], loss_scale: float) -> dict[str, float]:
-    """Non-private gradient: backpropagate the weighted total of all enabled objectives."""
+def standard_gradient(model: nn.Module, batch: dict[str, Any], loss_scale: float) -> dict[str, LossValue]:
+    """Non-private gradient: backpropagate the weighted total of all enabled objectives.
+
+    The parts stay detached device tensors: converting them with ``float()`` here would wait for the GPU once per
+    part and step (the trainer reads them in one transfer at its log points)."""
     output = model(batch)
     (output.total * loss_scale).backward()
-    parts = {name: float(value.detach()) for name, value in output.parts.items()}
-    parts["total"] = float(output.total.detach())
+    parts: dict[str, LossValue] = {name: value.detach() for name, value in output.parts.items()}
+    parts["total"] = output.total.detach()
     return parts
+
+
+@dataclass
+class _PendingStep:
+    """One optimiser step whose loss parts have not been read back from the device yet."""
+
+    step: int
+    epoch: int
+    micro_parts: list[dict[str, LossValue]]
+    extra: dict[str, LossValue]
 
 
 @dataclass
@@ -138,7 +156,16 @@ class LocalTrainer:
     ) -> None:
         self.cfg = cfg
         self.device = device or resolve_device(cfg.device)
-        self.model = model.to(self.device)
+        #: channels-last: convolution weights (and, in ``_in_memory_format``, 4-d image batches) in NHWC, which cuDNN's
+        #: tensor-core kernels want; a no-op for the transformer towers' linear weights.
+        self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        self.model = model.to(device=self.device, memory_format=self.memory_format)
+        if cfg.attention == "sdpa":
+            use_sdpa = getattr(getattr(self.model, "text_encoder", None), "use_sdpa", None)
+            if not (callable(use_sdpa) and use_sdpa()):
+                logger.warning("train.attention='sdpa': this text tower keeps eager attention (not a BERT layout)")
+        if cfg.compile:
+            compile_towers(self.model)
         self.total_steps = max(1, total_steps)
         self.output_dir = output_dir
         self.gradient_fn = gradient_fn
@@ -152,6 +179,15 @@ class LocalTrainer:
         self.autocast_dtype = self._autocast_dtype()
         self._tb_writer = self._open_tensorboard() if cfg.tensorboard else None
         self._resume_rng: dict[str, Any] | None = None
+        #: The random augmentation this epoch's loader left to the device (``data.augment_on_device``: the loader's
+        #: dataset carries it) and the device generator it draws from, reseeded per micro-batch (``_augment``).
+        self._device_augment: Callable[..., dict[str, Any]] | None = None
+        self._augment_generator: torch.Generator | None = None
+        #: Steps taken but not yet read back (see ``sync``), and the running sums of what was read since ``fit`` began.
+        self._pending: list[_PendingStep] = []
+        self._totals: dict[str, float] = {}
+        self._counted = 0
+        self._last_parts: dict[str, float] = {}
 
     # ------------------------------------------------------------------ training
     def fit(
@@ -162,15 +198,14 @@ class LocalTrainer:
         start_time = time.perf_counter()
         start_samples = self.state.samples_seen
         start_step = self.state.global_step
-        totals: dict[str, float] = {}
-        counts = 0
+        self.sync()  # steps of an earlier call are not this call's
+        self._totals, self._counted = {}, 0
         self.model.train()
         while self.state.epoch < target_epoch and not self.reached_max_steps():
-            for parts in self._run_epoch(loader, on_step):
-                for key, value in parts.items():
-                    totals[key] = totals.get(key, 0.0) + value
-                counts += 1
+            self._run_epoch(loader, on_step)
+        self.sync()
         seconds = time.perf_counter() - start_time
+        totals, counts = self._totals, self._counted
         mean_parts = {k: v / counts for k, v in totals.items()} if counts else {}
         return TrainSummary(
             steps=self.state.global_step - start_step,
@@ -179,18 +214,21 @@ class LocalTrainer:
             mean_parts=mean_parts,
         )
 
-    def _run_epoch(
-        self, loader: Iterable[dict[str, Any]], on_step: Callable[[dict[str, Any]], None] | None
-    ) -> Iterator[dict[str, float]]:
+    def _run_epoch(self, loader: Iterable[dict[str, Any]], on_step: Callable[[dict[str, Any]], None] | None) -> None:
         epoch = self.state.epoch
         self._set_epoch(loader, epoch)
+        augment = getattr(getattr(loader, "dataset", None), "device_augment", None)
+        self._device_augment = getattr(augment, "augment_batch", None)
         skip = self.state.batches_done_in_epoch
         accum = self.cfg.grad_accum_steps
         batch_iter = iter(loader)
         for _ in range(skip):  # replay the data pipeline so augmentation RNG lines up exactly
             next(batch_iter)
         if self._resume_rng is not None:
-            _set_rng_state(self._resume_rng)
+            # Mid-epoch: continue the saved stream. At an epoch boundary (every federated round ends on one) the
+            # uninterrupted run reseeds for the new epoch, so the epoch seed just set must stand.
+            if skip:
+                _set_rng_state(self._resume_rng)
             self._resume_rng = None
         progress = self._progress(loader, skip)
         micro: list[dict[str, Any]] = []
@@ -202,13 +240,13 @@ class LocalTrainer:
             micro.append(batch)
             if len(micro) < accum:
                 continue
-            yield self._step_and_report(micro, progress, on_step)
+            self._step_and_report(micro, progress, on_step)
             micro = []
             if self.reached_max_steps():
                 exhausted = False
                 break
         if micro:  # a final partial accumulation still trains
-            yield self._step_and_report(micro, progress, on_step)
+            self._step_and_report(micro, progress, on_step)
         if progress is not None:
             progress.close()
         if exhausted:
@@ -217,51 +255,97 @@ class LocalTrainer:
 
     def _step_and_report(
         self, micro: list[dict[str, Any]], progress: Any, on_step: Callable[[dict[str, Any]], None] | None
-    ) -> dict[str, float]:
-        parts = self._optimizer_step(micro)
+    ) -> None:
+        synced = self._optimizer_step(micro)
         self.state.batches_done_in_epoch += len(micro)
         if progress is not None:
             progress.update(len(micro))
-            progress.set_postfix(loss=f"{parts['total']:.3f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
+            if synced is not None:  # the loss shown is the last one read back (at a log point), never a new sync
+                progress.set_postfix(loss=f"{synced['total']:.3f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
         if on_step is not None:
-            on_step({"step": self.state.global_step, "epoch": self.state.epoch, **parts})
-        return parts
+            on_step({"step": self.state.global_step, "epoch": self.state.epoch})
 
-    def _optimizer_step(self, micro_batches: list[dict[str, Any]]) -> dict[str, float]:
+    def _optimizer_step(self, micro_batches: list[dict[str, Any]]) -> dict[str, float] | None:
+        """One optimiser step. Its loss parts are queued, not read: the host never waits for the device here except
+        at log points (``train.log_every``), where every queued step is read back in one transfer, checked for
+        divergence and logged. Returns the step's parts when it was such a point, else None."""
         self.optimizer.zero_grad(set_to_none=True)
-        summed: dict[str, float] = {}
+        micro_parts: list[dict[str, LossValue]] = []
+        extra: dict[str, LossValue] = {}
         samples = 0
         step_start = time.perf_counter()
-        for batch in micro_batches:
+        for index, batch in enumerate(micro_batches):
             batch = _to_device(batch, self.device)
+            if self._device_augment is not None:
+                batch = self._device_augment(batch, self._augment_generator_for(index))
+            batch = _in_memory_format(batch, self.memory_format)
             with self._autocast():
-                parts = self.gradient_fn(self.model, batch, 1.0 / len(micro_batches))
-            self._check_finite(parts)
-            for key, value in parts.items():
-                summed[key] = summed.get(key, 0.0) + value / len(micro_batches)
+                micro_parts.append(self.gradient_fn(self.model, batch, 1.0 / len(micro_batches)))
             samples += _batch_size(batch)
         if self.cfg.max_grad_norm is not None and self.gradient_fn is standard_gradient:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
-            summed["grad_norm"] = float(grad_norm)
+            extra["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         update = getattr(self.model, "update_divergence_encoder", None)
         if callable(update):
             update()
+        self._pending.append(_PendingStep(self.state.global_step + 1, self.state.epoch, micro_parts, extra))
         self.state.global_step += 1
         self.state.samples_seen += samples
         if self.state.global_step % self.cfg.log_every == 0 or self.state.global_step == 1:
+            summed = self.sync()
             self._log(summed, samples / max(1e-9, time.perf_counter() - step_start))
-        return summed
+            return summed
+        return None
 
-    def _check_finite(self, parts: dict[str, float]) -> None:
+    def _augment_generator_for(self, micro_batch: int) -> torch.Generator:
+        """The device generator, seeded for this micro-batch of this step from the trainer's seed: like dropout (the
+        global generators, ``_set_epoch``) it follows ``train.seed``, which under DP is the site's secret seed, and
+        being a function of the step it needs no checkpointed state to resume exactly. Seeding a CUDA generator
+        sets host-side state only: no synchronisation."""
+        from mlip_fed.data.device_augment import batch_seed
+
+        if self._augment_generator is None:
+            self._augment_generator = torch.Generator(device=self.device)
+        return self._augment_generator.manual_seed(batch_seed(self.cfg.seed, self.state.global_step, micro_batch))
+
+    def sync(self) -> dict[str, float]:
+        """Read every queued step's loss parts back (one device-to-host transfer), check each for divergence in step
+        order, and add them to ``fit``'s means; returns the last step's parts (those of the last read step if none
+        was queued). Called at log points, at the end of ``fit`` and before a checkpoint is written, so a diverged
+        run stops within ``train.log_every`` steps and never saves weights from an unchecked step."""
+        pending, self._pending = self._pending, []
+        if not pending:
+            return self._last_parts
+        values = [v for p in pending for parts in (*p.micro_parts, p.extra) for v in parts.values()]
+        tensors = [v for v in values if isinstance(v, torch.Tensor)]
+        read = iter(torch.stack([t.reshape(()).float() for t in tensors]).tolist() if tensors else [])
+        floats = [next(read) if isinstance(v, torch.Tensor) else float(v) for v in values]
+        at = 0
+        for p in pending:
+            summed: dict[str, float] = {}
+            for parts in p.micro_parts:
+                local = dict(zip(parts, floats[at : at + len(parts)], strict=True))
+                at += len(parts)
+                self._check_finite(local, p.step, p.epoch)
+                for key, value in local.items():
+                    summed[key] = summed.get(key, 0.0) + value / len(p.micro_parts)
+            summed.update(zip(p.extra, floats[at : at + len(p.extra)], strict=True))
+            at += len(p.extra)
+            for key, value in summed.items():
+                self._totals[key] = self._totals.get(key, 0.0) + value
+            self._counted += 1
+            self._last_parts = summed
+        return self._last_parts
+
+    def _check_finite(self, parts: dict[str, float], step: int, epoch: int) -> None:
         for name, value in parts.items():
             if name == "total":
                 continue
             if not math.isfinite(value) or abs(value) > self.cfg.loss_explode_threshold:
                 raise TrainingDiverged(
-                    f"objective {name!r} produced loss {value} at step {self.state.global_step + 1} "
-                    f"(epoch {self.state.epoch}); threshold train.loss_explode_threshold="
+                    f"objective {name!r} produced loss {value} at step {step} "
+                    f"(epoch {epoch}); threshold train.loss_explode_threshold="
                     f"{self.cfg.loss_explode_threshold}"
                 )
 
@@ -380,6 +464,7 @@ class LocalTrainer:
         _set_rng_state(rng)
 
     def save_checkpoint(self, path: Path) -> Path:
+        self.sync()  # raises TrainingDiverged rather than save weights a diverged step produced
         return atomic_torch_save(path, self.state_dict())
 
     def load_checkpoint(self, path: Path) -> None:
@@ -460,8 +545,49 @@ def _cpu_has_native_bf16() -> bool:
     return False
 
 
-def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+def _to_device(
+    batch: dict[str, Any], device: torch.device, memory_format: torch.memory_format = torch.contiguous_format
+) -> dict[str, Any]:
+    """The batch's tensors on ``device`` (asynchronously from pinned memory); 4-d image batches in ``memory_format``."""
+    out: dict[str, Any] = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor):
+            value = value.to(device, non_blocking=True)
+            if value.dim() == 4 and memory_format is not torch.contiguous_format:
+                value = value.contiguous(memory_format=memory_format)
+        out[key] = value
+    return out
+
+
+def _in_memory_format(batch: dict[str, Any], memory_format: torch.memory_format) -> dict[str, Any]:
+    """The batch with its 4-d image tensors in ``memory_format`` (after the device augmentation, whose resampling
+    returns contiguous tensors)."""
+    if memory_format is torch.contiguous_format:
+        return batch
+    return {
+        key: value.contiguous(memory_format=memory_format)
+        if isinstance(value, torch.Tensor) and value.dim() == 4
+        else value
+        for key, value in batch.items()
+    }
+
+
+#: Submodules ``train.compile`` compiles in place (``nn.Module.compile``: state-dict keys stay as they are, so
+#: checkpoints and federated weights are unchanged). The objectives' glue stays eager: its shapes vary per batch.
+COMPILED_SUBMODULES = ("image_encoder", "divergence_image_encoder", "fusion", "text_encoder.bert")
+
+
+def compile_towers(model: nn.Module) -> list[str]:
+    """``torch.compile`` the towers and the fusion head of ``model`` in place; returns the names compiled."""
+    done = []
+    for name in COMPILED_SUBMODULES:
+        module: Any = model
+        for part in name.split("."):
+            module = getattr(module, part, None)
+        if isinstance(module, nn.Module):
+            module.compile()
+            done.append(name)
+    return done
 
 
 def _batch_size(batch: dict[str, Any]) -> int:

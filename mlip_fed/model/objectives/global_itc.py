@@ -53,8 +53,9 @@ def soft_target_itc_loss(
     image_keys = image if image_queue is None else torch.cat([image, image_queue.to(image.dtype)], dim=0)
     logits_i2t = image @ text_keys.t() / temperature  # [N, N+K]
     logits_t2i = text @ image_keys.t() / temperature
-    hard_i2t = F.one_hot(torch.arange(n, device=image.device), logits_i2t.shape[1]).to(image.dtype)
-    hard_t2i = F.one_hot(torch.arange(n, device=image.device), logits_t2i.shape[1]).to(image.dtype)
+    # Identity targets (row i matches column i), built without F.one_hot's host-side range check.
+    hard_i2t = torch.eye(n, logits_i2t.shape[1], dtype=image.dtype, device=image.device)
+    hard_t2i = torch.eye(n, logits_t2i.shape[1], dtype=image.dtype, device=image.device)
     if alpha > 0 and image_div is not None:
         with torch.no_grad():
             t_d = (text if text_div is None else text_div).detach()

@@ -37,13 +37,13 @@ class CrossAttentionLayer(nn.Module):
     def _attention(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None
     ) -> torch.Tensor:
+        """PyTorch's fused ``scaled_dot_product_attention`` (one kernel instead of matmul, scale, mask, softmax,
+        matmul). Every row attends to at least its [CLS] key, so masking with -inf equals the former finite fill."""
         b, lq, d = q.shape
         h = self.heads
         q, k, v = (t.reshape(b, t.shape[1], h, d // h).transpose(1, 2) for t in (q, k, v))
-        logits = q @ k.transpose(-1, -2) / (d // h) ** 0.5
-        if key_mask is not None:
-            logits = logits.masked_fill(~key_mask[:, None, None, :], -1e4)
-        out = torch.softmax(logits, dim=-1) @ v
+        mask = None if key_mask is None else key_mask[:, None, None, :]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return out.transpose(1, 2).reshape(b, lq, d)
 
     def self_attend(self, text: torch.Tensor, text_mask: torch.Tensor, first_only: bool = False) -> torch.Tensor:
@@ -116,16 +116,17 @@ def sample_negatives(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One negative text per image and one negative image per text, ∝ softmax(similarity), positive excluded.
 
-    ``similarity`` [N, N] image-to-text (any scale; pass ITC logits). Needs N >= 2. Sampling runs on CPU with
-    ``generator`` so it is reproducible on every device.
+    ``similarity`` [N, N] image-to-text (any scale; pass ITC logits). Needs N >= 2. Sampling runs where
+    ``similarity`` is (no device-to-host copy in the step), from ``generator`` or that device's default generator
+    (seeded by ``torch.manual_seed``); a generator on another device moves the sampling to that device.
     """
     n = similarity.shape[0]
     if n < 2:
         raise ValueError("ITM negatives need at least 2 pairs in the batch")
-    sim = similarity.detach().float().cpu()
+    sim = similarity.detach().float().to(_sampling_device(similarity, generator))
     if not hard:
         sim = torch.zeros_like(sim)
-    eye = torch.eye(n, dtype=torch.bool)
+    eye = torch.eye(n, dtype=torch.bool, device=sim.device)
     weights_i2t = torch.softmax(sim.masked_fill(eye, float("-inf")), dim=1)
     weights_t2i = torch.softmax(sim.t().masked_fill(eye, float("-inf")), dim=1)
     neg_text = torch.multinomial(weights_i2t, 1, generator=generator).squeeze(1)
@@ -144,13 +145,14 @@ def sample_group_negatives(
     n = similarity.shape[0]
     if group_ids.shape != (n,):
         raise ValueError(f"ITM negatives: group_ids must have shape [{n}], got {tuple(group_ids.shape)}")
-    groups = group_ids.detach().cpu()
-    candidates = (groups.unsqueeze(0) == groups.unsqueeze(1)) & ~torch.eye(n, dtype=torch.bool)
+    where = _sampling_device(similarity, generator)
+    groups = group_ids.detach().to(where)
+    eye = torch.eye(n, dtype=torch.bool, device=where)
+    candidates = (groups.unsqueeze(0) == groups.unsqueeze(1)) & ~eye
     has_negative = candidates.any(dim=1)
-    sim = similarity.detach().float().cpu()
+    sim = similarity.detach().float().to(where)
     if not hard:
         sim = torch.zeros_like(sim)
-    eye = torch.eye(n, dtype=torch.bool)
     # A row without candidates gets itself (probability 1) so multinomial stays valid; its rows are weighted 0.
     allowed = candidates | (eye & ~has_negative.unsqueeze(1))
     weights_i2t = torch.softmax(sim.masked_fill(~allowed, float("-inf")), dim=1)
@@ -159,6 +161,12 @@ def sample_group_negatives(
     neg_image = torch.multinomial(weights_t2i, 1, generator=generator).squeeze(1)
     dev = similarity.device
     return neg_text.to(dev), neg_image.to(dev), has_negative.to(dev)
+
+
+def _sampling_device(similarity: torch.Tensor, generator: torch.Generator | None) -> torch.device:
+    """Sample on the similarity's device unless the given generator lives elsewhere (``multinomial`` needs both on one
+    device)."""
+    return similarity.device if generator is None else generator.device
 
 
 def itm_loss(

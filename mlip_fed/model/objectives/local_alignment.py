@@ -73,6 +73,8 @@ def local_alignment_loss(
     if knowledge is not None:
         if entity_mask is None or entity_words is None:
             raise ValueError("local alignment: knowledge tokens need entity_mask and entity_words")
+        if entity_words.shape[2] < words.shape[1]:  # spans over the first words only: the rest belong to no entity
+            entity_words = F.pad(entity_words, (0, words.shape[1] - entity_words.shape[2]))
         if entity_words.shape[2] != words.shape[1]:
             raise ValueError(
                 f"local alignment: entity spans cover {entity_words.shape[2]} words but the text has {words.shape[1]}"

@@ -2,7 +2,8 @@
 
 Hydra only assembles the tree (groups and overrides); pydantic decides what is valid. We use
 hydra's compose API rather than ``@hydra.main`` so the CLIs, the Flower apps and the tests share
-one code path and nobody's working directory is changed behind their back.
+one code path and nobody's working directory is changed behind their back. It sits beside ``mlip_fed.config``
+(the schema layer, docs/architecture.md) so the federation and the runners compose configs without importing the CLI.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ def config_dir() -> Path:
     """The hydra config tree: ``$MLIP_FED_CONFIG_DIR``, the packaged copy, or the checkout's ``configs/``."""
     override = os.environ.get(CONFIG_ENV_VAR)
     candidates = [Path(override)] if override else []
-    package_dir = Path(__file__).resolve().parents[1]
+    package_dir = Path(__file__).resolve().parent
     candidates += [package_dir / "_configs", package_dir.parent / "configs"]
     for candidate in candidates:
         if (candidate / "config.yaml").is_file():

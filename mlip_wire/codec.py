@@ -1,6 +1,7 @@
 """Wire format of one round: ``mlip_fed.federation.payload`` types <-> Flower ``RecordDict``.
 
-Server and ClientApp both import this, so the two ends cannot drift. Our own loop (not ``FedAvg.start()``,
+Server and ClientApp both import this (``mlip_wire``: neither app imports the other), so the two ends cannot
+drift; the SecAgg+ keys below are part of the same format. Our own loop (not ``FedAvg.start()``,
 see docs/federation.md "Why our own loop") is not bound by FedAvg's one-ArrayRecord rule: weights and bank travel
 as two ArrayRecords, so ``bytes`` per round can be reported for each.
 
@@ -14,14 +15,15 @@ which numpy cannot hold and therefore travels as its int16 bit pattern).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Protocol, TypeVar
 
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from torch import Tensor
 
 from mlip_fed.federation.aggregate import BANK_GLOBAL_KEYS, BANK_STAT_KEYS
-from mlip_fed.federation.payload import RoundRequest, SiteFailure, SiteUpdate, parse_site_error
+from mlip_fed.federation.payload import RoundRequest, SiteEvaluation, SiteFailure, SiteUpdate, parse_site_error
 
 WEIGHTS = "weights"
 BANK = "bank"
@@ -31,6 +33,27 @@ SITE = "site"
 NUM_EXAMPLES = "num-examples"
 TRANSPORT = "transport"
 MESSAGE_TYPE = "train"
+#: Flower's message type for ``@app.evaluate``: the site scores the global model on its own split.
+EVALUATE_MESSAGE_TYPE = "evaluate"
+
+# SecAgg+ rounds (``server/secagg.py``, ``client/secagg.py``) travel as Flower's legacy FitIns/FitRes; these keys are
+# ours inside them.
+#: FitIns config keys that carry the flattened request's layout and the public example bound.
+LAYOUT_KEY = "secagg-layout"
+MAX_EXAMPLES_KEY = "secagg-max-examples"
+#: Site metrics that may travel in the clear beside the masked vector: timings and a DP site's public accounting.
+CLEAR_METRICS = (
+    "train_seconds",
+    "handler_seconds",
+    "train_steps",
+    "epsilon",
+    "epsilon_rdp",
+    "epsilon_prv",
+    "delta",
+    "noise_multiplier",
+    "sample_rate",
+)
+SITE_ID_METRIC = "site-id"
 
 #: ``federation.transport_dtype`` values and the torch dtype each puts on the wire.
 TRANSPORT_DTYPES: dict[str, torch.dtype] = {
@@ -186,18 +209,47 @@ def decode_update(content: RecordDict) -> SiteUpdate:
     )
 
 
+def encode_evaluation(evaluation: SiteEvaluation) -> RecordDict:
+    """A site's evaluation reply: its metrics (with the number of test studies) and its id; no arrays."""
+    metrics: dict[str, float | int] = {NUM_EXAMPLES: int(evaluation.num_examples)}
+    metrics.update({k: float(v) for k, v in evaluation.metrics.items()})
+    return RecordDict({METRICS: MetricRecord(metrics), SITE: ConfigRecord({"site-id": evaluation.site_id})})
+
+
+def decode_evaluation(content: RecordDict) -> SiteEvaluation:
+    _require(content, (METRICS, SITE), "evaluation reply")
+    metrics = dict(content.metric_records[METRICS])
+    if NUM_EXAMPLES not in metrics:
+        raise ValueError(f"evaluation reply: metrics lack {NUM_EXAMPLES!r}")
+    num_examples = int(metrics.pop(NUM_EXAMPLES))  # type: ignore[arg-type]
+    return SiteEvaluation(
+        site_id=str(content.config_records[SITE]["site-id"]),
+        num_examples=num_examples,
+        metrics={k: float(v) for k, v in metrics.items()},  # type: ignore[arg-type]
+    )
+
+
+class _FromSite(Protocol):
+    site_id: str
+
+
+Reply = TypeVar("Reply", bound=_FromSite)
+
+
 def sort_replies(
     server_round: int,
     sent: Sequence[Message],
     replies: Iterable[Message],
     known_sites: dict[int, str],
-) -> tuple[list[SiteUpdate], list[SiteFailure]]:
-    """Split replies into updates and failures; a sent message without a reply is a timeout failure.
+    decode: Callable[[RecordDict], Reply] = decode_update,  # type: ignore[assignment]
+) -> tuple[list[Reply], list[SiteFailure]]:
+    """Split replies into decoded replies (``decode_update`` or ``decode_evaluation``) and failures; a sent message
+    without a reply is a timeout failure.
 
     ``known_sites`` maps node id -> site id from earlier replies, so an error or a timeout from a node
     is still reported with its site id; it is updated in place with this round's successful replies.
     """
-    updates: list[SiteUpdate] = []
+    updates: list[Reply] = []
     failures: list[SiteFailure] = []
     answered: set[int] = set()
     for reply in replies:
@@ -209,7 +261,7 @@ def sort_replies(
             failures.append(SiteFailure(server_round, site_id, node_id, f"error reply: {reason.strip()}"))
             continue
         try:
-            update = decode_update(reply.content)
+            update = decode(reply.content)
         except (KeyError, ValueError, TypeError) as err:
             site_id = known_sites.get(node_id, f"node-{node_id}")
             failures.append(SiteFailure(server_round, site_id, node_id, f"invalid reply: {err}"))

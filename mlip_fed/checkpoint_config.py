@@ -63,7 +63,7 @@ def _embedded_config(checkpoint: Path) -> dict[str, Any] | None:
 
 def layer_overrides(saved: dict[str, Any], overrides: Sequence[str], origin: str) -> ExperimentConfig:
     """Validate ``saved`` with ``overrides`` applied on top (rules in the module docstring)."""
-    from mlip_fed.cli.hydra_config import compose_raw
+    from mlip_fed.config_compose import compose_raw
 
     merged = copy.deepcopy(saved)
     if overrides:
@@ -135,7 +135,7 @@ def _follow_model_image_size(merged: dict[str, Any]) -> None:
 
 def resolve_eval_config(checkpoint: Path | None, overrides: Sequence[str]) -> tuple[ExperimentConfig, str]:
     """The evaluation config and a phrase saying where its model config came from (for error messages)."""
-    from mlip_fed.cli.hydra_config import compose_experiment
+    from mlip_fed.config_compose import compose_experiment
 
     found = saved_config(checkpoint) if checkpoint is not None else None
     if found is None:

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mlip_fed.data.synthetic import FINDINGS, LOBES, Finding, ReportStyle, Study
+from mlip_fed.data.synthetic.findings import FINDINGS, LOBES, Finding
+from mlip_fed.data.synthetic.sampling import ReportStyle, Study
 from mlip_fed.knowledge.kb import CHEXPERT_CATEGORIES, KnowledgeBase, load_knowledge_base
 
 Certainty = str  # "positive" | "negative" | "uncertain"
