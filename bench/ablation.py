@@ -33,6 +33,7 @@ from bench.quality import (  # noqa: E402
     raw_pixel_probe,
     run_once,
     seed_stats,
+    site_identity_probe,
 )
 from mlip_fed.eval.protocol import ProbeProtocol, detectable_difference, gap_closed  # noqa: E402
 
@@ -44,6 +45,7 @@ VARIANTS: tuple[tuple[str, str], ...] = (
     ("full", "+ ITM and text swapping = full MLIP"),
 )
 REFERENCES: tuple[tuple[str, str], ...] = (
+    ("site_identity", "hospital identity only (reference: one-hot site)"),
     ("raw_pixel", "raw-pixel LR (reference)"),
     ("random_init", "random-init encoder (reference)"),
     ("supervised", "supervised ceiling (reference: labels, BCE)"),
@@ -107,6 +109,8 @@ def run_row(args: argparse.Namespace, row: str, seed: int, pool: Pool) -> dict[s
     def make() -> dict[str, Any]:
         if row == "raw_pixel":
             return raw_pixel_probe(pool, protocol(args))
+        if row == "site_identity":
+            return site_identity_probe(pool, protocol(args))
         cfg = compose_experiment(overrides(args, "clip_only" if row == "random_init" else row, seed))
         segmentation = not args.no_segmentation
         if row == "random_init":
@@ -117,7 +121,7 @@ def run_row(args: argparse.Namespace, row: str, seed: int, pool: Pool) -> dict[s
         return {**evaluate_encoder(model, cfg, pool, protocol(args), segmentation), **info}
 
     path = args.work_dir / "runs" / f"{row}_seed{seed}.json"
-    if args.report_only and not path.is_file():
+    if args.report_only and not path.is_file() and row != "site_identity":  # labels only: cheap, made here too
         return {}
     result = run_once(path, make)
     print(f"[ablation] {row} seed {seed}: probe@1% {probe_mean(result, 0.01):.3f} @100% {probe_mean(result, 1.0):.3f}")
@@ -133,7 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results: dict[str, list[dict[str, Any]]] = {}
     for seed in args.seeds:
         for row in rows:
-            if row == "raw_pixel" and seed != args.seeds[0]:
+            if row in ("raw_pixel", "site_identity") and seed != args.seeds[0]:
                 continue  # no pretraining seed: one run, its spread is over probe draws
             result = run_row(args, row, seed, pool)
             if result:
@@ -184,7 +188,7 @@ def render(args: argparse.Namespace, results: dict[str, list[dict[str, Any]]], p
         runs = results[row]
         gaps = []
         for f in (0.01, 1.0):
-            if len(reference) == 2 and row not in ("random_init", "raw_pixel", "supervised"):
+            if len(reference) == 2 and row not in ("random_init", "raw_pixel", "site_identity", "supervised"):
                 gaps.append(
                     f"{gap_closed(probe[row][f][0], reference['random_init'][f], reference['supervised'][f]):.2f}"
                 )

@@ -4,6 +4,7 @@ Every quality table (ablation, fed vs central, DP utility) shows a method beside
 measured the same way (``mlip_fed.eval.protocol``):
 
 * **raw-pixel LR**: the probe on standardised raw pixels (C = 0.01, the difficulty baseline's recipe);
+* **hospital identity** (ablation): the probe on a one-hot site id, the floor a mere hospital detector reaches;
 * **random init**: the seeded, untrained encoder;
 * **supervised ceiling**: the same image tower trained with the 14 labels (``objectives=supervised``, BCE)
   on the same pretraining studies for the same number of steps;
@@ -111,6 +112,31 @@ def raw_pixel_probe(pool: Pool, protocol: ProbeProtocol) -> dict[str, Any]:
         raw,
     )
     return {"probe": [s.as_dict() for s in probe], "metrics": {}}
+
+
+def site_identity_probe(pool: Pool, protocol: ProbeProtocol) -> dict[str, Any]:
+    """The probe on the hospital alone (one-hot site id): what an encoder gets for merely telling hospitals apart.
+
+    SynthCXR hospitals differ in prevalence as well as in scanner and report style, and the evaluation pool mixes
+    them, so a feature that only identifies the hospital already ranks studies above chance. A pretrained row is
+    worth something beyond this row only where it beats it.
+    """
+    sites = sorted({str(r.site_id) for r in (*pool.probe_train, *pool.probe_test)})
+
+    def one_hot(records: list[Any]) -> torch.Tensor:
+        return torch.tensor([[float(str(r.site_id) == s) for s in sites] for r in records])
+
+    def labels_tensor(records: list[Any]) -> torch.Tensor:
+        return torch.tensor([list(r.labels) for r in records], dtype=torch.float32)
+
+    probe = evaluate_probe(
+        one_hot(pool.probe_train),
+        labels_tensor(pool.probe_train),
+        one_hot(pool.probe_test),
+        labels_tensor(pool.probe_test),
+        protocol,
+    )
+    return {"probe": [s.as_dict() for s in probe], "metrics": {}, "sites": sites}
 
 
 def run_once(path: Path, make: Any) -> dict[str, Any]:

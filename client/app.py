@@ -2,9 +2,11 @@
 
 Simulation: ``node_config["partition-id"]`` picks SynthCXR hospital ``site_<k>``. Deployment
 (``mlip-client --site-config``): ``node_config["site-config"]`` is the site YAML; the site's own data,
-device and privacy policy come from it, the model and schedule from the server's run config. A site that fails
-replies with an error naming its site id (the server logs it and leaves the site out of the round)
-instead of letting Flower report an anonymous exception.
+device and privacy policy come from it, the model and schedule from the server's run config. ``train`` messages
+run a round (``SiteRuntime.train_round``); ``evaluate`` messages score the global model on the site's own split
+(``SiteRuntime.evaluate_round``), if the site's policy releases evaluation metrics. A site that fails replies with an
+error naming its site id (the server logs it and leaves the site out of the round or the evaluation) instead of
+letting Flower report an anonymous exception.
 """
 
 from __future__ import annotations

@@ -45,10 +45,21 @@ def compose_raw(overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
     assert isinstance(raw, dict)
     # The `objectives` group sits at the top level for short overrides (objectives.itm.enabled=false);
     # the schema keeps it inside the model it configures.
+    # An override spelt with the schema's own path (model.objectives.itm.enabled=false, as error messages name it)
+    # lands in model.objectives: it is applied on top of the group, not dropped.
     objectives = raw.pop("objectives", None)
     if objectives is not None:
-        raw.setdefault("model", {})["objectives"] = objectives
+        model = raw.setdefault("model", {})
+        model["objectives"] = _merged(objectives, model.get("objectives") or {})
     return raw
+
+
+def _merged(base: dict, top: dict) -> dict:
+    """``base`` with ``top``'s values on top, nested dicts merged key by key."""
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def _force(override: str) -> str:

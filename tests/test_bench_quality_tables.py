@@ -43,3 +43,34 @@ def test_gain_ratio_and_seed_stats() -> None:
     assert probe_mean({"probe": []}, 1.0) != probe_mean({"probe": []}, 1.0)
     mean, std, n = seed_stats([0.5, 0.7, float("nan")])
     assert (round(mean, 6), round(std, 6), n) == (0.6, 0.141421, 2)
+
+
+def test_site_identity_reference_scores_prevalence_differences_only() -> None:
+    """One-hot hospital features rank a class whose prevalence differs by hospital, and nothing else."""
+    import math
+    import random
+    from pathlib import Path
+
+    from bench.quality import site_identity_probe
+    from mlip_fed.data.records import StudyRecord
+    from mlip_fed.eval.protocol import ProbeProtocol
+    from mlip_fed.knowledge.kb import CHEXPERT_CATEGORIES
+
+    rng = random.Random(0)
+    cardio, effusion = CHEXPERT_CATEGORIES.index("Cardiomegaly"), CHEXPERT_CATEGORIES.index("Pleural Effusion")
+
+    def record(i: int) -> StudyRecord:
+        site = "site_a" if i % 2 else "site_b"
+        labels = [math.nan] * len(CHEXPERT_CATEGORIES)
+        labels[cardio] = float(rng.random() < (0.8 if site == "site_a" else 0.2))  # prevalence differs by site
+        labels[effusion] = float(rng.random() < 0.5)  # the same at both sites
+        return StudyRecord(Path(f"{i}.png"), "report", f"p{i}", f"s{i}", site_id=site, labels=tuple(labels))
+
+    pool = Pool(
+        pretrain=[], probe_train=[record(i) for i in range(400)], probe_test=[record(i) for i in range(400, 800)]
+    )
+    result = site_identity_probe(pool, ProbeProtocol(fractions=(1.0,), draws=1, bootstrap=0))
+    per_class = result["probe"][0]["per_class"]
+    assert result["sites"] == ["site_a", "site_b"]
+    assert per_class["Cardiomegaly"] > 0.75  # (0.8 vs 0.2 prevalence: AUROC = 0.8)
+    assert abs(per_class["Pleural Effusion"] - 0.5) < 0.08

@@ -73,6 +73,18 @@ def test_itm_off_alone_is_a_valid_experiment() -> None:
     assert cfg.model.objectives.enabled_names() == ["global_itc", "local_alignment", "category_contrast", "text_swap"]
 
 
+def test_the_schema_path_of_an_objective_override_is_applied_not_dropped() -> None:
+    """``model.objectives.*`` (the path error messages name) used to be overwritten by the objectives group."""
+    from mlip_fed.config_compose import compose_experiment
+
+    cfg = compose_experiment(["experiment=synth_cpu", "model.objectives.category_contrast.enabled=false"])
+    assert "category_contrast" not in cfg.model.objectives.enabled_names()
+    assert "global_itc" in cfg.model.objectives.enabled_names()  # the rest of the group is kept
+    both = compose_experiment(["objectives=clip_only", "model.objectives.itm.enabled=true"])
+    clip_only = compose_experiment(["objectives=clip_only"]).model.objectives.enabled_names()
+    assert "itm" not in clip_only and set(both.model.objectives.enabled_names()) == {*clip_only, "itm"}
+
+
 def test_bf16_amp_on_a_cpu_trains(tmp_path) -> None:
     """train.amp=bf16 on a CPU used to die with an uncaught RuntimeError; CPU autocast supports bf16, so it trains."""
     assert (

@@ -3,7 +3,8 @@
 1. Generates a SynthCXR federation of three hospitals (own scanners, prevalence, report styles).
 2. Shows what the labeler reads in one hospital's reports against the generator's truth.
 3. Runs ``flwr run .`` (a private local SuperLink, three simulated hospitals) for a few rounds,
-   streaming a per-round table (loss, linear-probe AUROC, R@5, time).
+   streaming a per-round table (loss, linear-probe AUROC, R@5, time); the AUROC comes from the hospitals,
+   each scoring the global model on its own test split (round 0, the middle round and the last).
 4. Trains the supervised ceiling (the same image tower with the 14 labels, on the pooled train studies the
    demo holds), then compares the federated encoder with the seeded random-init encoder and the ceiling under
    the same probe, with the share of the ceiling's gain the federation reached (gap closed).
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         f"federation.min_train_nodes={args.sites}",
         f"federation.min_available_nodes={args.sites}",
         f"federation.local_epochs={args.local_epochs}",
-        f"federation.evaluate_every={max(1, args.rounds // 2)}",  # the server's probe twice, not every round
+        f"federation.evaluate_every={max(1, args.rounds // 2)}",  # the sites' evaluation twice, not every round
         "eval.segmentation.enabled=false",
         "eval.zero_shot.enabled=false",
         "train.progress_bar=false",
