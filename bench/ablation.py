@@ -206,7 +206,8 @@ def render(args: argparse.Namespace, results: dict[str, list[dict[str, Any]]], p
             + " | ".join(_cell(*metric[k][:2]) for k in metric)
             + (f" | {train_s[0]:.0f} |" if math.isfinite(train_s[0]) else " | — |")
         )
-    trained = [r for r in args.variants if r in probe]
+    # Rows with one seed have no seed spread: the figure comes from the rows that have at least two.
+    trained = [r for r in args.variants if r in probe and probe[r][FRACTIONS[0]][2] >= 2]
     detect = []
     for f in FRACTIONS:
         stds = [probe[r][f][1] for r in trained if math.isfinite(probe[r][f][1])]
@@ -233,7 +234,8 @@ def render(args: argparse.Namespace, results: dict[str, list[dict[str, Any]]], p
             *lines,
             "",
             "Smallest difference between two rows this run can detect (2 × the standard error of the difference of "
-            f"two seed means, median seed std of the pretraining rows): {'; '.join(detect) or 'needs ≥ 2 seeds'}. "
+            f"two seed means, median seed std of the pretraining rows with ≥ 2 seeds, n = their fewest seeds): "
+            f"{'; '.join(detect) or 'needs ≥ 2 seeds'}. "
             + (
                 f"Bootstrap 95 % CI width of a single probe AUROC (probe-test resampling): median {sorted(cis)[len(cis) // 2]:.3f}."
                 if cis

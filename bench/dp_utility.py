@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.docs_block import replace_block  # noqa: E402
-from bench.quality import Pool, evaluate_encoder, load_pool, probe_mean, run_once, seed_stats  # noqa: E402
+from bench.quality import Pool, evaluate_encoder, load_pool, probe_mean, real_gain, run_once, seed_stats  # noqa: E402
 from mlip_fed import pipeline  # noqa: E402
 from mlip_fed.config import ExperimentConfig  # noqa: E402
 from mlip_fed.config_compose import compose_experiment  # noqa: E402
@@ -100,7 +100,10 @@ def train_arm(
     else:
         # Through the site's façade, as deployed: sigma calibrated so the planned steps cost exactly the target
         # epsilon, sampling and noise from OS entropy, the steps charged to a (throwaway) ledger.
-        policy = cfg.privacy.model_copy(update={"epsilon_budget": epsilon, "noise_multiplier": None})
+        # Pretraining alone releases no prototype bank: the whole target epsilon goes to the training steps.
+        policy = cfg.privacy.model_copy(
+            update={"epsilon_budget": epsilon, "noise_multiplier": None, "release_prototypes": False}
+        )
         patients = [r.patient_id for r in records]
         q = min(1.0, cfg.train.batch_size / len(records))  # batch_size records per step in expectation
         with tempfile.TemporaryDirectory(prefix="dp_utility_ledger_") as ledger_dir:
@@ -197,7 +200,7 @@ def render(args: argparse.Namespace, runs: list[dict[str, dict[str, Any]]], pool
         f"{len(pool.probe_test)} probe-test studies of held-out patients; {args.steps} steps per arm at "
         f"{runs[0]['non_dp'].get('records_per_step', math.nan):.0f} records per step (DP: in expectation); LP = "
         "linear-probe macro AUROC (mean over probe draws, then mean ± std over seeds); kept = (arm − random) / "
-        "(non-DP − random).",
+        "(non-DP − random), — where the non-DP gain is not above half its probe's bootstrap 95 % CI (no effect).",
         "",
         "| arm | seeds | σ | q | records / step | ε RDP | ε PRV | LP 1 % | LP 100 % | kept 1 % | kept 100 % | train s |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -212,8 +215,8 @@ def render(args: argparse.Namespace, runs: list[dict[str, dict[str, Any]]], pool
         for f in FRACTIONS:
             ratios = []
             for r in runs:
-                gain = probe_mean(r["non_dp"], f) - probe_mean(r["random_init"], f)
-                if name in r and gain > 0 and name not in ("random_init", "supervised", "non_dp"):
+                gain = real_gain(r["non_dp"], r["random_init"], f)  # NaN: no non-DP gain beyond the probe's noise
+                if name in r and math.isfinite(gain) and name not in ("random_init", "supervised", "non_dp"):
                     ratios.append((probe_mean(r[name], f) - probe_mean(r["random_init"], f)) / gain)
             kept[f] = seed_stats(ratios)
 

@@ -29,7 +29,15 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.quality import evaluate_encoder, load_pool, probe_mean, raw_pixel_probe, run_once, seed_stats  # noqa: E402
+from bench.quality import (  # noqa: E402
+    evaluate_encoder,
+    load_pool,
+    probe_mean,
+    raw_pixel_probe,
+    real_gain,
+    run_once,
+    seed_stats,
+)
 from mlip_fed.eval.protocol import ProbeProtocol  # noqa: E402
 
 FRACTIONS = (0.01, 1.0)
@@ -137,10 +145,9 @@ def run_setting(args: argparse.Namespace, sites: int, alpha: str, seed: int) -> 
 
 
 def gain_ratio(result: dict[str, dict[str, Any]], fraction: float) -> float:
-    random = probe_mean(result["random_init"], fraction)
-    central = probe_mean(result["central"], fraction) - random
-    federated = probe_mean(result["federated"], fraction) - random
-    return federated / central if central > 0 else math.nan
+    central = real_gain(result["central"], result["random_init"], fraction)  # NaN: no central gain beyond noise
+    federated = probe_mean(result["federated"], fraction) - probe_mean(result["random_init"], fraction)
+    return federated / central if math.isfinite(central) else math.nan
 
 
 def render(args: argparse.Namespace, results: dict[tuple[int, str], list[dict[str, dict[str, Any]]]]) -> str:
@@ -165,7 +172,8 @@ def render(args: argparse.Namespace, results: dict[tuple[int, str], list[dict[st
         f"{args.total_studies} studies over all sites, {args.test_fraction:g} of each site's patients held out as the "
         f"evaluation pool; {args.rounds} rounds × {args.local_epochs} local epochs vs the same epochs centralized; "
         "LP = linear-probe macro AUROC (mean over probe draws, then mean ± std over seeds); gain ratio = "
-        "(federated − random) / (central − random).",
+        "(federated − random) / (central − random), undefined where the central gain is not above half its "
+        "probe's bootstrap 95 % CI.",
         "",
         "| sites | split | seeds | raw-pixel LP 100 % | random LP 1 % / 100 % | supervised LP 1 % / 100 % | "
         "central LP 1 % / 100 % | federated LP 1 % / 100 % | gain ratio 1 % | gain ratio 100 % |",
@@ -192,7 +200,7 @@ def render(args: argparse.Namespace, results: dict[tuple[int, str], list[dict[st
 
 def _ratio_cell(mean: float, std: float) -> str:
     if not math.isfinite(mean):
-        return "— (no central gain)"
+        return "— (no central gain beyond noise)"
     return f"**{mean:.2f}**" + (f" ± {std:.2f}" if math.isfinite(std) else "")
 
 

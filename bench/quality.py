@@ -159,6 +159,29 @@ def probe_mean(result: dict[str, Any], fraction: float) -> float:
     return math.nan
 
 
+def probe_noise(result: dict[str, Any], fraction: float) -> float:
+    """Half the bootstrap 95 % CI width of a run's probe AUROC at ``fraction``: a gain below it is no effect.
+
+    NaN when the run has no CI (no bootstrap): then nothing is ruled out on this ground.
+    """
+    for s in result.get("probe", []):
+        if math.isclose(s["fraction"], fraction):
+            low, high = s.get("ci", [math.nan, math.nan])
+            if low is not None and high is not None:
+                return 0.5 * (float(high) - float(low))
+    return math.nan
+
+
+def real_gain(result: dict[str, Any], baseline: dict[str, Any], fraction: float) -> float:
+    """``result``'s probe gain over ``baseline`` at ``fraction``; NaN when not above the probe's own noise.
+
+    A ratio against a gain inside the noise (kept, gain ratio) is a ratio of noise: the tables say so instead.
+    """
+    gain = probe_mean(result, fraction) - probe_mean(baseline, fraction)
+    noise = probe_noise(result, fraction)
+    return gain if gain > 0 and not gain <= noise else math.nan
+
+
 def seed_stats(values: list[float]) -> tuple[float, float, int]:
     """(mean, std, n) over seeds of the finite values."""
     clean = [v for v in values if math.isfinite(v)]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+import pytest
+
 from bench import ablation, fed_vs_central
 from bench.quality import Pool, probe_mean, seed_stats
 
@@ -74,3 +76,15 @@ def test_site_identity_reference_scores_prevalence_differences_only() -> None:
     assert result["sites"] == ["site_a", "site_b"]
     assert per_class["Cardiomegaly"] > 0.75  # (0.8 vs 0.2 prevalence: AUROC = 0.8)
     assert abs(per_class["Pleural Effusion"] - 0.5) < 0.08
+
+
+def test_a_reference_gain_inside_the_probe_noise_gives_no_ratio() -> None:
+    """A ratio against a gain smaller than the probe's own CI half-width would be a ratio of noise."""
+    import math
+
+    from bench.quality import real_gain
+
+    inside = {"random_init": _run(0.50, 0.50), "central": _run(0.505, 0.508), "federated": _run(0.52, 0.52)}
+    assert math.isnan(fed_vs_central.gain_ratio(inside, 1.0))  # +0.008 with a CI half-width of 0.01
+    assert math.isnan(real_gain(_run(0.49, 0.49), _run(0.50, 0.50), 1.0))  # a loss is no gain either
+    assert real_gain(_run(0.60, 0.60), _run(0.50, 0.50), 1.0) == pytest.approx(0.1)
