@@ -99,6 +99,14 @@ LEFT_OUT: dict[str, str] = {
     "minutes at its smallest meaningful size); its results live in docs/results.md, made by its own command.",
     "fed_vs_central": "bench/fed_vs_central.py compares learning (AUROC), not cost; at a size that fits this "
     "budget the AUROC gap is noise. Its table in docs/federation.md comes from its own command.",
+    "itc_site_shortcut": "bench/itc_site_shortcut.py trains three arms for several rounds (about ten minutes at its "
+    "smallest telling size); a finding about learning, not a cost. Its table in docs/federation.md comes from its own "
+    "command.",
+    "step_ops": "bench/step_ops.py compares operator launches and host syncs per step against an exported earlier "
+    "revision (--tree), which make bench does not have; its table in docs/performance.md comes from its own command.",
+    "data_pipeline": "bench/data_pipeline.py measures loader studies/s against worker processes: on this shared "
+    "2-core machine extra workers only compete for the same cores, so the figure belongs to the GPU host; its table in "
+    "docs/performance.md comes from its own command.",
 }
 
 #: Standing analysis under the MFU table. Only words: a generated block holds only what this run measured; the
