@@ -113,8 +113,8 @@ def measure(arch: str, steps: int, overrides: Sequence[str]) -> dict[str, Any]:
         if not event.name.startswith("aten::"):
             continue
         ops[event.name] += 1
-        if is_sync_op(event.name) and not _under(event, "aten::_assert_async"):
-            if _under(event, "Optimizer.step"):
+        if is_sync_op(event.name) and not ran_under(event, "aten::_assert_async"):
+            if ran_under(event, "Optimizer.step"):
                 in_optimizer += 1
             else:
                 syncs[event.name] += 1
@@ -130,11 +130,12 @@ def measure(arch: str, steps: int, overrides: Sequence[str]) -> dict[str, Any]:
     }
 
 
-def _under(event: Any, prefix: str) -> bool:
-    """Whether a profiled op ran inside an event named ``prefix...``. Two are set apart: ``optimizer.step`` (CPU
-    AdamW reads each parameter's step count with ``.item()``; the trainer's CUDA optimiser is fused AdamW, which
-    reads none) and ``aten::_assert_async`` (``multinomial``'s input check: a host read on a CPU, an asynchronous
-    device-side assert on CUDA, so not counted)."""
+def ran_under(event: Any, prefix: str | tuple[str, ...]) -> bool:
+    """Whether a profiled op ran inside an event whose name starts with ``prefix`` (or one of them).
+
+    Two are set apart: ``Optimizer.step`` (CPU AdamW reads each parameter's step count with ``.item()``; the trainer's
+    CUDA optimiser is fused AdamW, which reads none) and ``aten::_assert_async`` (``multinomial``'s input check: a
+    host read on a CPU, an asynchronous device-side assert on CUDA, so not counted)."""
     parent = event.cpu_parent
     while parent is not None:
         if parent.name.startswith(prefix):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import fake_coordinator, site_update
+from conftest import fake_coordinator, round_request, site_update
 
 from mlip_fed.config import ExperimentConfig, PrivacyPolicy
 from mlip_fed.config_compose import compose_experiment
@@ -118,16 +118,7 @@ def _site_cfg(*extra: str) -> ExperimentConfig:
 
 
 def _request(cfg: ExperimentConfig, server_round: int) -> RoundRequest:
-    from mlip_fed.federation.site import initial_global_state
-
-    weights, bank, _ = initial_global_state(cfg)
-    keys = ("prototypes_image", "prototypes_text", "initialized")
-    return RoundRequest(
-        server_round,
-        weights,
-        {k: bank[k] for k in keys},
-        {"server-round": server_round, "run-id": "r", "num-rounds": 2},
-    )
+    return round_request(cfg, server_round, "r", 2)
 
 
 def test_site_scores_the_global_model_on_its_own_split_and_then_trains_on(tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils.data import DataLoader
 
 from bench.gpu_step import make_batch
-from bench.step_ops import count_host_reads, is_sync_op
+from bench.step_ops import count_host_reads, is_sync_op, ran_under
 from mlip_fed import pipeline
 from mlip_fed.config_compose import compose_experiment
 from mlip_fed.train.trainer import LocalTrainer, TrainingDiverged
@@ -44,17 +44,8 @@ def _host_reads(trainer: LocalTrainer, batches: list) -> int:
         trainer.fit(batches, epochs=1)
     syncs = [e for e in prof.events() if is_sync_op(e.name)]
     # CPU AdamW reads its step counts (the CUDA optimiser is fused); multinomial's check is async on CUDA.
-    syncs = [e for e in syncs if not _under(e, ("Optimizer.step", "aten::_assert_async"))]
+    syncs = [e for e in syncs if not ran_under(e, ("Optimizer.step", "aten::_assert_async"))]
     return len(syncs) + sum(reads.values())
-
-
-def _under(event, prefixes: tuple[str, ...]) -> bool:
-    parent = event.cpu_parent
-    while parent is not None:
-        if parent.name.startswith(prefixes):
-            return True
-        parent = parent.cpu_parent
-    return False
 
 
 @pytest.mark.parametrize("attention", ["eager", "sdpa"])
